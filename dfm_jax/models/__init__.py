@@ -1,0 +1,1 @@
+"""Neural networks: the DFM-DiT and its building blocks."""
