@@ -1,0 +1,66 @@
+"""Data for dfm_jax: Grain sources, pipelines and global batches.
+
+Every source yields examples `{"image": float32 (H, W, C) or (T, H, W, C), "label": int32}`;
+"image" holds pixels in [-1, 1] for pixel sources and model-space latents for the latent
+source (same key, so the trainer does not care which).
+
+    source = make_source(config.data)                  # num_classes, example_shape, len()
+    iterator = make_train_iterator(source, global_batch_size=..., seed=config.seed)
+    batch = make_global_batch(next(iterator), mesh, ("data", "fsdp"))
+
+Modules: `common` (base class, errors, image helpers), `idx` (IDX files), `fashion_mnist`,
+`synthetic`, `image_folder`, `tfds_source`, `record_format` + `latents` (ArrayRecord latent
+datasets: writer, metadata, reader), `pipeline` (Grain dataset pipeline), `global_arrays`
+(jax.Array batches on a mesh), `factory` (`make_source` from a config).
+"""
+
+from dfm_jax.data.common import IMAGE_KEY, LABEL_KEY, DataNotFoundError, Source
+from dfm_jax.data.factory import SOURCES, make_source
+from dfm_jax.data.fashion_mnist import FashionMnistSource
+from dfm_jax.data.global_arrays import batch_sharding, make_global_batch
+from dfm_jax.data.idx import IdxFormatError, read_idx, write_idx
+from dfm_jax.data.image_folder import ImageFolderSource
+from dfm_jax.data.latents import (
+    ArrayRecordLatentSource,
+    LatentMetadata,
+    SampleLatent,
+    read_metadata,
+    shard_filename,
+    shard_paths,
+    write_metadata,
+    write_shard,
+)
+from dfm_jax.data.pipeline import local_batch_size, make_dataset, make_train_iterator
+from dfm_jax.data.record_format import RecordFormatError
+from dfm_jax.data.synthetic import SyntheticSource
+from dfm_jax.data.tfds_source import TfdsSource
+
+__all__ = [
+    "IMAGE_KEY",
+    "LABEL_KEY",
+    "SOURCES",
+    "ArrayRecordLatentSource",
+    "DataNotFoundError",
+    "FashionMnistSource",
+    "IdxFormatError",
+    "ImageFolderSource",
+    "LatentMetadata",
+    "RecordFormatError",
+    "SampleLatent",
+    "Source",
+    "SyntheticSource",
+    "TfdsSource",
+    "batch_sharding",
+    "local_batch_size",
+    "make_dataset",
+    "make_global_batch",
+    "make_source",
+    "make_train_iterator",
+    "read_idx",
+    "read_metadata",
+    "shard_filename",
+    "shard_paths",
+    "write_idx",
+    "write_metadata",
+    "write_shard",
+]

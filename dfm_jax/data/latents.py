@@ -1,0 +1,334 @@
+"""Latent datasets in ArrayRecord shards: writer, metadata and Grain reader.
+
+A latent dataset is a directory::
+
+    latents/
+      metadata.json                      LatentMetadata (below)
+      latents-00000-of-00004.array_record
+      ...
+
+Each ArrayRecord record is one example in the `record_format` encoding (named numpy arrays,
+no pickle) with either
+
+- "latent": the autoencoder latent, (H, W, C) or (T, H, W, C), float32 / bfloat16 / float16,
+- or "mean" and "std": the moments of the autoencoder's diagonal Gaussian posterior (same
+  shape), from which a latent is drawn at read time,
+
+plus "label" (int32 scalar) and any extra fields (e.g. "key", the source file name), which the
+reader ignores.
+
+Records hold the autoencoder's raw latents. The reader returns model-space latents
+`(z - shift_factor) * scaling_factor` under the key "image" (the same key as pixel sources),
+so a model never needs to know the source; decoding applies the inverse
+`x / scaling_factor + shift_factor`. `scale_stds` in the metadata are measured in model space.
+
+When records hold moments and `latent_sample=True`, every read draws a fresh latent
+`mean + std * eps` with the per-example RNG that Grain's sampler derives from the pipeline
+seed and the example's position in the stream, so the draws are reproducible and a resumed
+run draws exactly what an uninterrupted one would (`SampleLatent`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import grain
+import numpy as np
+from absl import logging
+from array_record.python import array_record_module
+
+from dfm_jax.data import common, record_format
+
+METADATA_FILENAME = "metadata.json"
+SHARD_SUFFIX = ".array_record"
+_FORMAT_NAME = "dfm_jax.latents"
+_FORMAT_VERSION = 1
+#: Storage dtypes allowed for latents and moments.
+LATENT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def shard_filename(index: int, count: int, prefix: str = "latents") -> str:
+    """The conventional shard name, e.g. "latents-00003-of-00016.array_record"."""
+    if not 0 <= index < count:
+        raise ValueError(f"shard index {index} out of range for {count} shards")
+    return f"{prefix}-{index:05d}-of-{count:05d}{SHARD_SUFFIX}"
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentMetadata:
+    """What `metadata.json` records about a latent dataset.
+
+    Attributes:
+      latent_shape: shape of one latent, (H, W, C) or (T, H, W, C).
+      dtype: storage dtype of latents / moments (one of LATENT_DTYPES).
+      num_classes: number of classes; labels lie in [0, num_classes).
+      num_examples: total records over all shards.
+      autoencoder: name of the autoencoder that produced the latents (e.g. "flux-ae").
+      scaling_factor: model-space latent = (z - shift_factor) * scaling_factor.
+      shift_factor: see scaling_factor.
+      moments: True when records hold "mean"/"std" instead of "latent".
+      scale_stds: per-scale standard deviations of model-space latents, keyed by a pyramid
+        name (e.g. "laplacian-32-64"); each value lists one entry per scale, coarsest first
+        (a float, or a per-channel list of floats).
+      extra: free-form provenance (source dataset, split, resolution, tool version, ...).
+    """
+
+    latent_shape: tuple[int, ...]
+    dtype: str
+    num_classes: int
+    num_examples: int
+    autoencoder: str = ""
+    scaling_factor: float = 1.0
+    shift_factor: float = 0.0
+    moments: bool = False
+    scale_stds: dict[str, list[Any]] = dataclasses.field(default_factory=dict)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "latent_shape", tuple(int(d) for d in self.latent_shape))
+        if len(self.latent_shape) not in (3, 4) or min(self.latent_shape) < 1:
+            raise ValueError(
+                f"latent_shape must be (H, W, C) or (T, H, W, C) with positive sizes, got "
+                f"{self.latent_shape}"
+            )
+        if self.dtype not in LATENT_DTYPES:
+            raise ValueError(f"latent dtype must be one of {LATENT_DTYPES}, got {self.dtype!r}")
+        if self.num_classes < 1 or self.num_examples < 0:
+            raise ValueError(
+                f"need num_classes >= 1 and num_examples >= 0, got {self.num_classes}, "
+                f"{self.num_examples}"
+            )
+        if not self.scaling_factor:
+            raise ValueError("scaling_factor must be non-zero")
+        if not isinstance(self.scale_stds, Mapping):
+            raise ValueError(
+                f"scale_stds must be a dict keyed by pyramid name, got {self.scale_stds!r}"
+            )
+
+    def to_json(self) -> str:
+        """The metadata as a JSON document (with a format name and version)."""
+        body = dataclasses.asdict(self)
+        body["latent_shape"] = list(self.latent_shape)
+        return json.dumps({"format": _FORMAT_NAME, "version": _FORMAT_VERSION, **body}, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str, path: str = "<string>") -> LatentMetadata:
+        """Parses `to_json` output; raises ValueError naming `path` when it is not valid."""
+        try:
+            body = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+        if not isinstance(body, dict) or body.pop("format", None) != _FORMAT_NAME:
+            raise ValueError(f"{path}: not a {_FORMAT_NAME} metadata file")
+        version = body.pop("version", None)
+        if version != _FORMAT_VERSION:
+            raise ValueError(f"{path}: metadata version {version} (supported: {_FORMAT_VERSION})")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(body) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown metadata fields {unknown}")
+        try:
+            return cls(**body)
+        except TypeError as e:
+            raise ValueError(f"{path}: {e}") from e
+
+
+def _atomic_write_bytes(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_metadata(directory: str | os.PathLike, metadata: LatentMetadata) -> str:
+    """Writes `directory/metadata.json` atomically (temp file + os.replace); returns its path."""
+    path = os.path.join(os.fspath(directory), METADATA_FILENAME)
+    _atomic_write_bytes(path, metadata.to_json().encode("utf-8"))
+    return path
+
+
+def read_metadata(directory: str | os.PathLike) -> LatentMetadata:
+    """Reads `directory/metadata.json`; DataNotFoundError when it is missing."""
+    path = os.path.join(os.fspath(directory), METADATA_FILENAME)
+    if not os.path.isfile(path):
+        raise common.DataNotFoundError(
+            f"no {METADATA_FILENAME} in {os.fspath(directory)!r}: not a latent dataset. Create "
+            "one with `python -m dfm_jax.prepare`, or set --config.data.dir to its directory."
+        )
+    with open(path, encoding="utf-8") as f:
+        return LatentMetadata.from_json(f.read(), path)
+
+
+def _check_example(example: Mapping[str, Any], position: int) -> None:
+    has_latent = "latent" in example
+    has_moments = "mean" in example or "std" in example
+    if has_latent == has_moments:
+        raise ValueError(
+            f"example {position}: needs either 'latent' or both 'mean' and 'std', got fields "
+            f"{sorted(example)}"
+        )
+    if has_moments and not ("mean" in example and "std" in example):
+        raise ValueError(f"example {position}: 'mean' and 'std' must come together")
+    if "label" not in example:
+        raise ValueError(f"example {position}: missing 'label'")
+    arrays = [example[k] for k in ("latent", "mean", "std") if k in example]
+    for array in arrays:
+        name = record_format.dtype_name(np.asarray(array).dtype)
+        if name not in LATENT_DTYPES:
+            raise ValueError(f"example {position}: latent dtype {name} not in {LATENT_DTYPES}")
+    if has_moments and np.shape(example["mean"]) != np.shape(example["std"]):
+        raise ValueError(
+            f"example {position}: mean {np.shape(example['mean'])} and std "
+            f"{np.shape(example['std'])} differ in shape"
+        )
+
+
+def write_shard(path: str | os.PathLike, examples: Iterable[Mapping[str, Any]]) -> int:
+    """Writes examples to one ArrayRecord shard atomically; returns the number written.
+
+    Each example is a dict with "latent" (or "mean" and "std"), "label" and optional extra
+    fields; arrays are stored with their own dtype (latents: float32, bfloat16 or float16).
+    The shard is written under a temporary name and moved into place with `os.replace`, so
+    readers never see a partial shard (local or POSIX-like file systems).
+    """
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex}"
+    count = 0
+    writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
+    closed = False
+    try:
+        for example in examples:
+            _check_example(example, count)
+            record = dict(example)
+            record["label"] = np.asarray(record["label"], np.int32)
+            writer.write(record_format.encode(record))
+            count += 1
+        writer.close()
+        closed = True
+        os.replace(tmp, path)
+    finally:
+        if not closed:
+            writer.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return count
+
+
+def shard_paths(directory: str | os.PathLike) -> list[str]:
+    """The sorted `*.array_record` shards in `directory`."""
+    return sorted(glob.glob(os.path.join(glob.escape(os.fspath(directory)), "*" + SHARD_SUFFIX)))
+
+
+class SampleLatent(grain.transforms.RandomMap):
+    """Draws `image = mean + std * eps`, eps ~ N(0, I), with Grain's per-example RNG.
+
+    Input: {"mean", "std", "label"} from `ArrayRecordLatentSource(latent_sample=True)` on a
+    moments dataset; output: {"image", "label"}.
+    """
+
+    def random_map(self, element: dict[str, np.ndarray], rng: np.random.Generator):
+        if rng is None:
+            raise ValueError("SampleLatent needs a seeded sampler (Grain passed rng=None)")
+        mean, std = element["mean"], element["std"]
+        eps = rng.standard_normal(mean.shape, dtype=np.float32)
+        return common.make_example(mean + std * eps, element[common.LABEL_KEY])
+
+
+class ArrayRecordLatentSource(common.Source):
+    """Reads a latent dataset written by `write_shard` + `write_metadata`.
+
+    Args:
+      directory: the dataset directory (shards + metadata.json).
+      latent_sample: for moments datasets, draw a latent per read (via `operations`, see
+        `SampleLatent`); False returns the posterior mean. Ignored for "latent" datasets.
+
+    Attributes:
+      metadata: the `LatentMetadata`.
+      paths: the shard files.
+    """
+
+    def __init__(self, directory: str | os.PathLike, latent_sample: bool = True):
+        self.directory = os.fspath(directory)
+        self.metadata = read_metadata(self.directory)
+        self.paths = shard_paths(self.directory)
+        if not self.paths:
+            raise common.DataNotFoundError(
+                f"latent dataset {self.directory!r} has {METADATA_FILENAME} but no "
+                f"*{SHARD_SUFFIX} shards"
+            )
+        self._source = grain.sources.ArrayRecordDataSource(self.paths)
+        if len(self._source) != self.metadata.num_examples:
+            raise ValueError(
+                f"latent dataset {self.directory!r}: shards hold {len(self._source)} records, "
+                f"{METADATA_FILENAME} says {self.metadata.num_examples}"
+            )
+        self.sample = bool(latent_sample and self.metadata.moments)
+        self.num_classes = self.metadata.num_classes
+        self.example_shape = self.metadata.latent_shape
+        self._scale = np.float32(self.metadata.scaling_factor)
+        self._shift = np.float32(self.metadata.shift_factor)
+
+    def scale_stds(self, pyramid_name: str) -> tuple[Any, ...] | None:
+        """The metadata's per-scale stds for `pyramid_name`, or None (logged) when absent."""
+        stds = self.metadata.scale_stds.get(pyramid_name)
+        if stds is None:
+            logging.warning(
+                "%s has no per-scale stds for pyramid %r; it has them for %s.",
+                self,
+                pyramid_name,
+                sorted(self.metadata.scale_stds) or "no pyramid",
+            )
+            return None
+        return tuple(stds)
+
+    @property
+    def operations(self) -> tuple[grain.transforms.RandomMap, ...]:
+        return (SampleLatent(),) if self.sample else ()
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def _field(self, record: dict[str, Any], name: str, index: int) -> np.ndarray:
+        if name not in record:
+            raise record_format.RecordFormatError(
+                f"{self.directory}: record {index} has no {name!r} field (fields "
+                f"{sorted(record)}; metadata moments={self.metadata.moments})"
+            )
+        array = np.asarray(record[name], np.float32)
+        if array.shape != self.example_shape:
+            raise record_format.RecordFormatError(
+                f"{self.directory}: record {index} field {name!r} has shape {array.shape}, "
+                f"metadata says {self.example_shape}"
+            )
+        return array
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        index = int(index)
+        record = record_format.decode(self._source[index])
+        label = np.asarray(record["label"], np.int32)
+        if not self.metadata.moments:
+            latent = (self._field(record, "latent", index) - self._shift) * self._scale
+            return common.make_example(latent, label)
+        mean = (self._field(record, "mean", index) - self._shift) * self._scale
+        if not self.sample:
+            return common.make_example(mean, label)
+        std = self._field(record, "std", index) * np.abs(self._scale)
+        return {"mean": mean, "std": std, common.LABEL_KEY: label}
+
+    def __repr__(self) -> str:
+        return (
+            f"ArrayRecordLatentSource(directory={self.directory!r}, "
+            f"num_examples={len(self)}, latent_sample={self.sample})"
+        )
