@@ -1,0 +1,1 @@
+"""Importers of external checkpoints (safetensors files, torch state dicts read safely)."""
