@@ -1,0 +1,43 @@
+"""Class-conditional DFM on Fashion-MNIST in pixel space, sized for a laptop CPU.
+
+28x28 images padded to 32x32 (background -1), two scales 16 -> 32 with patches
+2 and 4 (an 8x8 token grid), a small DiT. ``make demo`` trains it in minutes.
+"""
+
+from dfm_jax import configlib
+
+
+def get_config():
+    config = configlib.base_config()
+    config.total_steps = 3000
+    config.batch_size = 64
+    config.log_every = 100
+    config.checkpoint_every = 1000
+    config.sample_every = 1000
+
+    config.data.source = "fashion_mnist"
+    config.data.resolution = 32
+    config.data.channels = 1
+    config.data.num_classes = 10
+
+    config.pyramid.ratios = (2,)
+    config.objective.stage_probs = (0.9, 0.1)
+
+    config.model.size = "S"
+    config.model.patch_sizes = (2, 4)
+    config.model.depth = 6
+    config.model.width = 192
+    config.model.num_heads = 6
+
+    config.optimizer.learning_rate = 1e-3
+    config.optimizer.warmup_steps = 200
+    config.optimizer.weight_decay = 0.0
+    config.optimizer.ema_decay = 0.999
+
+    config.sampling.steps_per_stage = (30, 10)
+    config.sampling.thresholds = (0.9,)
+    config.sampling.cfg_scale = 1.5
+    config.sampling.grid_classes = 10
+    config.sampling.samples_per_class = 10
+    config.sampling.preview_examples = 10
+    return config

@@ -1,0 +1,169 @@
+"""Benchmark the train step of a DFM config against its Flow Matching twin.
+
+    python -m dfm_jax.bench --config=configs/demo.py
+    python -m dfm_jax.bench --config=configs/imagenet512.py --config.batch_size=32
+
+For the config's model and its single-scale Flow Matching twin
+(``configlib.flow_matching_twin``: same backbone, token grid, batch and
+optimizer), measured in the same process on the same devices:
+
+* step time: median over ``--steps`` (at least 20) timed steps after warm-up;
+* examples/s; analytic model FLOP/s (3 x forward FLOPs x batch / step time);
+* the same device's measured dense-matmul FLOP/s in the model's compute dtype,
+  and MFU against it (and against the data-sheet peak where one is known);
+* memory: XLA's compiled footprint (arguments + outputs + temporaries) and the
+  device's peak bytes in use where the runtime reports it (GPU, TPU).
+
+The train step is the real one (decomposition, objective, model, AdamW, EMA) on
+a fixed synthetic batch already on the devices, so data loading is excluded.
+Results print as a Markdown table; ``--json`` also writes them to a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from dfm_jax import configlib, data, parallel, perf, train
+from dfm_jax.models import dit
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per model (>= 20 for reporting).")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+_JSON = flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
+flags.mark_flags_as_required(["config"])
+
+
+@dataclasses.dataclass
+class Result:
+    name: str
+    params_millions: float
+    forward_gflops_per_example: float
+    step_seconds: float
+    examples_per_second: float
+    model_tflops_per_device: float
+    matmul_tflops_per_device: float
+    mfu_measured: float
+    mfu_published: float | None
+    compiled_bytes: int
+    peak_bytes_in_use: int | None
+
+
+def _compiled_bytes(compiled) -> int:
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return 0
+    return int(
+        analysis.argument_size_in_bytes
+        + analysis.output_size_in_bytes
+        + analysis.temp_size_in_bytes
+        - analysis.alias_size_in_bytes
+    )
+
+
+def _peak_bytes_in_use() -> int | None:
+    stats = jax.devices()[0].memory_stats()
+    return None if not stats else int(stats.get("peak_bytes_in_use", 0))
+
+
+def benchmark(config, name: str, steps: int, warmup: int, matmul_flops: float) -> Result:
+    """Times the real train step of ``config`` on a fixed synthetic batch."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.data.source = "synthetic"
+    config.data.num_examples = max(config.batch_size, 64)
+    setup = train.build(config)
+    init_key, train_key = jax.random.split(jax.random.key(config.seed))
+    state = train.initial_state(setup, init_key)
+    iterator = data.make_train_iterator(
+        setup.source, global_batch_size=config.batch_size, seed=config.seed
+    )
+    batch = data.make_global_batch(next(iterator), setup.mesh, parallel.BATCH_AXES)
+
+    step_fn = train.compile_train_step(setup)
+    compiled_bytes = _compiled_bytes(step_fn.lower(state, batch, train_key).compile())
+    for _ in range(1 + warmup):  # the first call compiles
+        state, metrics = step_fn(state, batch, train_key)
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = step_fn(state, batch, train_key)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - start)
+    step_seconds = float(np.median(times))
+    forward = dit.forward_flops(setup.model_config, setup.scale_shapes)
+    model_flops = perf.TRAIN_FLOPS_PER_FORWARD * forward * config.batch_size / step_seconds
+    model_flops /= jax.device_count()
+    published = perf.published_peak_flops()
+    return Result(
+        name=name,
+        params_millions=sum(x.size for x in jax.tree.leaves(state.params)) / 1e6,
+        forward_gflops_per_example=forward / 1e9,
+        step_seconds=step_seconds,
+        examples_per_second=config.batch_size / step_seconds,
+        model_tflops_per_device=model_flops / 1e12,
+        matmul_tflops_per_device=matmul_flops / 1e12,
+        mfu_measured=model_flops / matmul_flops,
+        mfu_published=model_flops / published if published else None,
+        compiled_bytes=compiled_bytes,
+        peak_bytes_in_use=_peak_bytes_in_use(),
+    )
+
+
+def markdown(results: list[Result], baseline: Result) -> str:
+    header = (
+        "| model | params (M) | fwd GFLOP/ex | step (ms) | ratio to FM | ex/s | model TFLOP/s/dev "
+        "| matmul TFLOP/s/dev | MFU (measured) | MFU (data sheet) | XLA memory (MiB) "
+        "| peak in use (MiB) |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+    )
+    rows = [header]
+    for r in results:
+        published = f"{100 * r.mfu_published:.1f} %" if r.mfu_published is not None else "n/a"
+        peak = f"{r.peak_bytes_in_use / 2**20:.0f}" if r.peak_bytes_in_use else "n/a"
+        rows.append(
+            f"| {r.name} | {r.params_millions:.3f} | {r.forward_gflops_per_example:.3f} "
+            f"| {1e3 * r.step_seconds:.1f} | {r.step_seconds / baseline.step_seconds:.3f} "
+            f"| {r.examples_per_second:.1f} | {r.model_tflops_per_device:.4f} "
+            f"| {r.matmul_tflops_per_device:.4f} | {100 * r.mfu_measured:.1f} % | {published} "
+            f"| {r.compiled_bytes / 2**20:.0f} | {peak} |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv):
+    del argv
+    if _STEPS.value < 20:
+        logging.warning("--steps=%d: reported figures should use at least 20", _STEPS.value)
+    config = _CONFIG.value
+    dtype = jnp.dtype(config.model.dtype)
+    matmul_flops = perf.measure_matmul_flops(size=2048, dtype=dtype)
+    twin = configlib.flow_matching_twin(config)
+    fm = benchmark(twin, "FM (1 scale)", _STEPS.value, _WARMUP.value, matmul_flops)
+    dfm = benchmark(
+        config,
+        f"DFM ({len(config.pyramid.ratios) + 1} scales)",
+        _STEPS.value,
+        _WARMUP.value,
+        matmul_flops,
+    )
+    device = jax.devices()[0]
+    print(
+        f"\nDevice: {device.device_kind} x {jax.device_count()} ({jax.default_backend()}); "
+        f"batch {config.batch_size}; compute {dtype.name}; median of {_STEPS.value} steps\n"
+    )
+    print(markdown([fm, dfm], baseline=fm))
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
+            json.dump([dataclasses.asdict(r) for r in (fm, dfm)], f, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)

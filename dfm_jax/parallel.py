@@ -1,0 +1,144 @@
+"""Device meshes, logical-axis sharding rules and multi-host start-up.
+
+The model annotates parameters and activations with *logical* axis names
+(``"batch"``, ``"embed"``, ``"mlp"``, ...; see ``dfm_jax.models.dit``). A rule
+table, kept in the config, maps each logical name to mesh axes. The mesh has
+three named axes:
+
+* ``data``:  pure data parallelism (parameters replicated);
+* ``fsdp``:  data parallelism with parameters and optimizer state sharded
+  (ZeRO-3 style); the batch is split over ``data`` and ``fsdp`` together;
+* ``model``: tensor parallelism of attention heads and MLP hidden units.
+
+With the default rules a mesh ``{data: 8}`` is plain data parallelism and
+``{fsdp: 8}`` shards every large weight matrix over 8 devices.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "model")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical axis name -> mesh axes. A name absent from the table is replicated.
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("kv", None),
+    ("length", None),
+    ("patch", None),
+    ("classes", None),
+    ("freq", None),
+)
+
+
+def resolve_mesh_shape(mesh_shape: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
+    """Sizes of the ``MESH_AXES`` for ``num_devices``; one size may be -1 (the rest).
+
+    Raises:
+      ValueError: unknown axis names, more than one -1, or sizes whose product is
+        not the number of devices.
+    """
+    unknown = set(mesh_shape) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"unknown mesh axes {sorted(unknown)}; the axes are {MESH_AXES}")
+    sizes = [int(mesh_shape.get(axis, 1)) for axis in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {dict(mesh_shape)}")
+    if any(size == 0 or size < -1 for size in sizes):
+        raise ValueError(f"mesh axis sizes must be positive or -1, got {dict(mesh_shape)}")
+    known = math.prod(size for size in sizes if size != -1)
+    if -1 in sizes:
+        if num_devices % known:
+            raise ValueError(
+                f"mesh {dict(mesh_shape)} cannot be filled with {num_devices} devices: "
+                f"{num_devices} is not divisible by {known}"
+            )
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} has {math.prod(sizes)} devices "
+            f"but {num_devices} are available; use -1 for one axis to take the rest"
+        )
+    return tuple(sizes)
+
+
+def create_mesh(mesh_shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ``Mesh`` with axes ``("data", "fsdp", "model")`` (Auto axis types).
+
+    Args:
+      mesh_shape: axis name -> size, e.g. ``{"data": -1}`` or ``{"fsdp": 8}``.
+      devices: defaults to all global devices.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = resolve_mesh_shape(mesh_shape, len(devices))
+    try:
+        device_array = mesh_utils.create_device_mesh(sizes, devices)
+    except (AssertionError, NotImplementedError, ValueError):
+        # Device kinds without a topology-aware layout (e.g. CPU) take the given order.
+        device_array = np.asarray(devices).reshape(sizes)
+    return Mesh(device_array, MESH_AXES)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """Number of batch shards, the product of the data-parallel axis sizes."""
+    return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+
+
+def logical_shardings(abstract_tree, mesh: Mesh, rules) -> object:
+    """NamedShardings for a tree whose leaves may carry ``nn.Partitioned`` metadata.
+
+    Leaves without logical names are replicated.
+    """
+    specs = nn.get_partition_spec(abstract_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, tuple(tuple(rule) for rule in rules))
+
+
+def maybe_initialize_distributed() -> None:
+    """Starts the JAX multi-controller runtime when launched as one of several processes.
+
+    On Cloud TPU VMs, SLURM and GKE ``jax.distributed.initialize()`` discovers the
+    coordinator itself; elsewhere set ``JAX_COORDINATOR_ADDRESS``,
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``. A single process does nothing.
+    """
+    explicit = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    cluster = any(
+        name in os.environ
+        for name in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+    )
+    if explicit:
+        if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+            # CPU processes exchange collectives through gloo (tests, laptops).
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=explicit,
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
+    elif cluster:
+        jax.distributed.initialize()
+    else:
+        return
+    logging.info(
+        "JAX distributed: process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )

@@ -1,0 +1,218 @@
+"""Shared pieces of the trainer tests (not a test module).
+
+* ``tiny_config``: ``configs/demo.py`` shrunk to a model and data that train in
+  milliseconds per step; the subprocess tests pass the same overrides as
+  ``--config.*`` flags (``cli_flags``), so every test compiles the same programs.
+* ``persistent_compile_cache``: one XLA compilation cache directory per pytest
+  session, shared with the subprocesses (``subprocess_env``). Compiling the train
+  step of even the tiny model takes 10-20 s on a CPU; with the cache every later
+  build of the same program (another ``train.run``, a resumed run, a subprocess)
+  loads it instead.
+* Tree helpers: host copies and bitwise / tolerance comparisons that name the
+  first differing leaf.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental.compilation_cache import compilation_cache
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "configs" / "demo.py"
+
+#: Overrides of configs/demo.py: 8x8 one-channel synthetic data, a one-block width-32
+#: DiT, batch 8 (one example per device of the 8-device test mesh), 2 + 2 sampling steps
+#: and a 2x2 sample grid. warmup_steps=2 makes step 0 a zero-learning-rate step.
+TINY = {
+    "batch_size": 8,
+    "data.source": "synthetic",
+    "data.resolution": 8,
+    "data.channels": 1,
+    "data.num_classes": 4,
+    "model.patch_sizes": (1, 2),
+    "model.depth": 1,
+    "model.width": 32,
+    "model.num_heads": 2,
+    "optimizer.warmup_steps": 2,
+    "optimizer.ema_decay": 0.9,
+    "sampling.steps_per_stage": (2, 2),
+    "sampling.grid_classes": 2,
+    "sampling.samples_per_class": 2,
+    "sampling.preview_examples": 2,
+}
+
+
+def demo_config() -> ml_collections.ConfigDict:
+    spec = importlib.util.spec_from_file_location("demo_config", DEMO_CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def tiny_config(overrides: dict | None = None) -> ml_collections.ConfigDict:
+    """configs/demo.py with ``TINY`` and then ``overrides`` ({"a.b": value}) applied."""
+    config = demo_config()
+    for name, value in {**TINY, **(overrides or {})}.items():
+        *parents, leaf = name.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return config
+
+
+def cli_flags(overrides: dict | None = None) -> list[str]:
+    """``--config.<name>=<value>`` flags giving ``tiny_config(overrides)`` from demo.py."""
+    return [f"--config.{name}={value}" for name, value in {**TINY, **(overrides or {})}.items()]
+
+
+_cache_dir: str | None = None
+
+
+def compile_cache_dir() -> str:
+    """This session's compilation cache directory (created once, removed at exit)."""
+    global _cache_dir
+    if _cache_dir is None:
+        _cache_dir = tempfile.mkdtemp(prefix="dfm_jax_tests_xla_cache_")
+        atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+    return _cache_dir
+
+
+@contextlib.contextmanager
+def persistent_compile_cache():
+    """Caches every compiled program of this process in ``compile_cache_dir()``."""
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    previous = {name: getattr(jax.config, name) for name in names}
+    jax.config.update("jax_compilation_cache_dir", compile_cache_dir())
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    compilation_cache.reset_cache()
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            jax.config.update(name, value)
+        compilation_cache.reset_cache()
+
+
+_CLUSTER_VARIABLES = (
+    "JAX_COORDINATOR_ADDRESS",
+    "JAX_NUM_PROCESSES",
+    "JAX_PROCESS_ID",
+    "SLURM_JOB_ID",
+    "TPU_WORKER_HOSTNAMES",
+    "MEGASCALE_COORDINATOR_ADDRESS",
+)
+
+
+def subprocess_env(num_devices: int = 8, **extra: str) -> dict[str, str]:
+    """Environment of a CPU-only JAX subprocess sharing this session's compilation cache.
+
+    Variables that would make ``dfm_jax.main`` join a cluster (e.g. when the tests run
+    inside a SLURM job) are removed; pass them in ``extra`` to start several processes.
+    """
+    env = {name: value for name, value in os.environ.items() if name not in _CLUSTER_VARIABLES}
+    env.update(
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
+        JAX_PLATFORMS="cpu",
+        JAX_DEFAULT_MATMUL_PRECISION="highest",  # as tests/conftest.py
+        JAX_COMPILATION_CACHE_DIR=compile_cache_dir(),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
+        TF_CPP_MIN_LOG_LEVEL="2",
+    )
+    env.update(extra)
+    return env
+
+
+def main_command(workdir, overrides: dict | None = None, config=DEMO_CONFIG) -> list[str]:
+    """``python -m dfm_jax.main`` on ``config`` with the tiny overrides."""
+    return [
+        sys.executable,
+        "-m",
+        "dfm_jax.main",
+        f"--config={config}",
+        f"--workdir={workdir}",
+        *cli_flags(overrides),
+    ]
+
+
+def run_main(workdir, overrides: dict | None = None, timeout: float = 240) -> str:
+    """Runs ``python -m dfm_jax.main`` to completion; returns its log (stderr).
+
+    Fails the test with the log's tail when the exit status is not 0.
+    """
+    result = subprocess.run(
+        main_command(workdir, overrides),
+        env=subprocess_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if result.returncode != 0:
+        raise AssertionError(
+            f"dfm_jax.main exited with {result.returncode}:\n{tail(result.stderr)}"
+        )
+    return result.stderr
+
+
+def tail(text: str, lines: int = 60) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def checkpoint_steps(directory) -> list[int]:
+    """Steps of the complete checkpoints in ``directory`` (Orbax renames them into place)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def to_host(tree):
+    """A numpy copy of a pytree of (possibly sharded, possibly donated later) arrays."""
+    return jax.tree.map(lambda x: np.array(x, copy=True), jax.device_get(tree))
+
+
+def _pairs(a, b):
+    leaves_a, tree_a = jax.tree_util.tree_flatten_with_path(a)
+    leaves_b, tree_b = jax.tree_util.tree_flatten_with_path(b)
+    assert jax.tree.structure(a) == jax.tree.structure(b), (tree_a, tree_b)
+    for (path, x), (_, y) in zip(leaves_a, leaves_b):
+        yield jax.tree_util.keystr(path), np.asarray(x), np.asarray(y)
+
+
+def assert_trees_equal(a, b, what: str = "trees") -> None:
+    """Bitwise equality of every leaf (same shapes and dtypes)."""
+    for path, x, y in _pairs(a, b):
+        assert x.shape == y.shape and x.dtype == y.dtype, f"{what}{path}: {x.shape} vs {y.shape}"
+        if not np.array_equal(x, y, equal_nan=True):
+            diff = np.max(np.abs(x.astype(np.float64) - y.astype(np.float64)))
+            raise AssertionError(f"{what}{path} differ (max abs difference {diff:.3g})")
+
+
+def assert_trees_close(a, b, *, rtol: float, atol: float, what: str = "trees") -> None:
+    for path, x, y in _pairs(a, b):
+        assert x.shape == y.shape, f"{what}{path}: {x.shape} vs {y.shape}"
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=f"{what}{path}")
+
+
+def max_abs_difference(a, b) -> float:
+    return max(
+        float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64)), initial=0.0))
+        for _, x, y in _pairs(a, b)
+    )
+
+
+def trees_differ(a, b) -> bool:
+    return any(not np.array_equal(x, y) for _, x, y in _pairs(a, b))
