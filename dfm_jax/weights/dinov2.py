@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dfm_jax.models.dinov2 import DINOV2_SIZES, DINOv2, DINOv2Config
+from dfm_jax.weights import files
 
 #: The official ViT-L/14 checkpoint (s/b/g: replace ``vitl14``).
 OFFICIAL_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth"
@@ -73,31 +74,12 @@ def _missing_file_error(path: str) -> FileNotFoundError:
 
 
 def _torch_load(path: str) -> dict[str, np.ndarray]:
-    try:
-        import torch
-    except ImportError as e:
-        raise ImportError(
-            f"Reading the torch file {path!r} needs PyTorch: `pip install torch --index-url "
-            "https://download.pytorch.org/whl/cpu` (CPU is enough). Alternatively use the "
-            f"transformers weights (model.safetensors of {HF_URL}), which need only the "
-            "`safetensors` package."
-        ) from e
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{path!r} holds a {type(state).__name__}, not a state dict")
-    out = {}
-    for k, v in state.items():
-        if not isinstance(v, torch.Tensor):
-            raise ValueError(f"{path!r}: entry {k!r} is a {type(v).__name__}, not a tensor")
-        v = v.detach().cpu()
-        out[k] = (v.float() if v.is_floating_point() else v).numpy()
-    return out
-
-
-def _safetensors_load(path: str) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
-    return dict(load_file(path))
+    return files.read_torch(
+        path,
+        "Alternatively use the "
+        f"transformers weights (model.safetensors of {HF_URL}), which need only the "
+        "`safetensors` package.",
+    )
 
 
 def _resolve(path: str | os.PathLike) -> str:
@@ -120,7 +102,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """
     file = _resolve(path)
     if file.endswith(".safetensors"):
-        return _safetensors_load(file)
+        return files.read_safetensors(file)
     return _torch_load(file)
 
 

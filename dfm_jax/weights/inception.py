@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dfm_jax.models.inception import INPUT_SIZE, InceptionV3
+from dfm_jax.weights import files
 
 #: pytorch-fid's release of the FID Inception weights.
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -59,35 +60,13 @@ def _missing_file_error(path: str) -> FileNotFoundError:
 
 
 def _torch_load(path: str) -> dict[str, np.ndarray]:
-    try:
-        import torch
-    except ImportError as e:
-        raise ImportError(
-            f"Reading the torch file {path!r} needs PyTorch: `pip install torch --index-url "
-            "https://download.pytorch.org/whl/cpu` (CPU is enough). Alternatively convert it "
-            "once, on a machine with torch, with "
-            "dfm_jax.weights.inception.convert_to_safetensors and load the .safetensors file, "
-            "which needs only the `safetensors` package."
-        ) from e
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{path!r} holds a {type(state).__name__}, not a state dict")
-    out = {}
-    for k, v in state.items():
-        if not isinstance(v, torch.Tensor):
-            raise ValueError(f"{path!r}: entry {k!r} is a {type(v).__name__}, not a tensor")
-        out[k] = v.detach().cpu().numpy()
-    return out
-
-
-def _safetensors_load(path: str) -> dict[str, np.ndarray]:
-    try:
-        from safetensors.numpy import load_file
-    except ImportError as e:
-        raise ImportError(
-            f"Reading {path!r} needs the safetensors package: `pip install safetensors`."
-        ) from e
-    return dict(load_file(path))
+    return files.read_torch(
+        path,
+        "Alternatively convert it "
+        "once, on a machine with torch, with "
+        "dfm_jax.weights.inception.convert_to_safetensors and load the .safetensors file, "
+        "which needs only the `safetensors` package.",
+    )
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -106,7 +85,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not os.path.isfile(path):
         raise _missing_file_error(path)
     if path.endswith(".safetensors"):
-        return _safetensors_load(path)
+        return files.read_safetensors(path)
     return _torch_load(path)
 
 
