@@ -1,0 +1,200 @@
+"""Feature extractors and the metrics that use them.
+
+A ``FeatureExtractor`` is a pure function ``apply(params, images) -> {output: (B, D)}``
+plus its parameters; images are ``(B, H, W, C)`` float32 in [-1, 1] (the evaluation
+quantises samples to uint8 first, as saved sample files hold them, and maps them
+back). The evaluation jits ``apply`` with batch-sharded inputs and outputs on the
+model's mesh, so anything built this way -- the real networks below, or a small
+stand-in in a test -- runs through the same code path.
+
+=============  ==============================  ===========================================
+extractor      outputs (dim)                   built by
+=============  ==============================  ===========================================
+inception      pool3 (2048),                   ``inception_extractor(weights)``: the FID
+               logits_unbiased (1008)          InceptionV3 (pytorch-fid weights)
+dinov2         features (width, 1024 for L)    ``dinov2_extractor(weights)``: DINOv2 CLS
+                                               token at 224 px (dgm-eval's FDD)
+fd_fmnist      features (128)                  ``fd_fmnist_extractor(fd)``: the demo's
+                                               Fashion-MNIST classifier (32x32x1 only)
+=============  ==============================  ===========================================
+
+Grayscale images are repeated to three channels for Inception and DINOv2.
+``METRICS`` maps each metric to its extractor, the output it reads, and the
+result columns it fills.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from dfm_jax.models import dinov2 as dinov2_model
+from dfm_jax.models import inception as inception_model
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FeatureExtractor:
+    """A feature network as a pure function and its parameters.
+
+    Attributes:
+      name: registry name ("inception", "dinov2", "fd_fmnist", or a custom one).
+      outputs: output name -> feature dimension.
+      apply: ``(params, images (B, H, W, C) float32 in [-1, 1]) -> {output: (B, D)}``;
+        traced under ``jax.jit``, so it must be jit-compatible.
+      params: the parameters passed to ``apply`` (any pytree, or None).
+      channels: accepted channel counts.
+      resolution: required image side, or None for any size.
+    """
+
+    name: str
+    outputs: Mapping[str, int]
+    apply: Callable[[Any, Array], Mapping[str, Array]]
+    params: Any = None
+    channels: tuple[int, ...] = (1, 3)
+    resolution: int | None = None
+
+    def __call__(self, images: Array) -> dict[str, Array]:
+        """Features of ``images`` (unjitted convenience; evaluation jits ``apply``)."""
+        return dict(self.apply(self.params, images))
+
+    def check_input(self, example_shape: Sequence[int]) -> None:
+        """Raises ``ValueError`` unless this extractor accepts images of ``example_shape``."""
+        if len(example_shape) != 3:
+            raise ValueError(
+                f"the {self.name} features take images (H, W, C), but the samples have shape "
+                f"{tuple(example_shape)}; video evaluation (frame-FID, FVD) is not supported"
+            )
+        height, width, channels = example_shape
+        if channels not in self.channels:
+            raise ValueError(
+                f"the {self.name} features take images with {self.channels} channel(s), but the "
+                f"samples have {channels}; latent configs need a decode function to pixels"
+            )
+        if self.resolution is not None and (height, width) != (self.resolution,) * 2:
+            raise ValueError(
+                f"the {self.name} features take {self.resolution}x{self.resolution} images, "
+                f"but the samples are {height}x{width}"
+            )
+
+
+def to_rgb(images: Array) -> Array:
+    """Repeats a single channel three times; RGB passes through."""
+    return jnp.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
+
+
+def _inception_apply(module, variables, images):
+    out = module.apply(variables, to_rgb(images))
+    return {"pool3": out["pool3"], "logits_unbiased": out["logits_unbiased"]}
+
+
+def inception_extractor(
+    weights: str | os.PathLike, *, dtype: Any = jnp.float32, precision: Any = "highest"
+) -> FeatureExtractor:
+    """The FID InceptionV3 from pytorch-fid's weights (``.pth`` or ``.safetensors``).
+
+    Outputs ``pool3`` (FID, precision/recall) and ``logits_unbiased`` (IS, softmax
+    over all 1008 outputs as the original IS code).
+    """
+    from dfm_jax.weights.inception import load_inception
+
+    module, variables = load_inception(weights, dtype=dtype, precision=precision)
+    return FeatureExtractor(
+        name="inception",
+        outputs={
+            "pool3": inception_model.FEATURE_DIM,
+            "logits_unbiased": module.num_classes,
+        },
+        apply=functools.partial(_inception_apply, module),
+        params=variables,
+    )
+
+
+def _dinov2_apply(module, resolution, params, images):
+    features = dinov2_model.fdd_features(module, params, to_rgb(images), resolution=resolution)
+    return {"features": features}
+
+
+def dinov2_extractor(
+    weights: str | os.PathLike | None = None,
+    *,
+    module: dinov2_model.DINOv2 | None = None,
+    params: Any = None,
+    resolution: int = dinov2_model.FDD_RESOLUTION,
+) -> FeatureExtractor:
+    """DINOv2 CLS features for FDD (dgm-eval preprocessing at ``resolution`` px).
+
+    Either ``weights`` (any released DINOv2 checkpoint; ViT-L/14 is the FDD
+    standard) or a ready ``module`` and ``params`` (e.g. a small model in tests).
+    """
+    if module is None:
+        from dfm_jax.weights.dinov2 import load_dinov2
+
+        module, params = load_dinov2(weights)
+    return FeatureExtractor(
+        name="dinov2",
+        outputs={"features": module.config.width},
+        apply=functools.partial(_dinov2_apply, module, resolution),
+        params=params,
+    )
+
+
+def _fd_fmnist_apply(model, params, images):
+    return {"features": model.apply(params, images)[1]}
+
+
+def fd_fmnist_extractor(fd) -> FeatureExtractor:
+    """The FD-FMNIST classifier's features (``dfm_jax.fd_fmnist.FdFmnist``)."""
+    from dfm_jax import fd_fmnist as fd_fmnist_lib
+
+    return FeatureExtractor(
+        name="fd_fmnist",
+        outputs={"features": int(fd.settings.feature_dim)},
+        apply=functools.partial(_fd_fmnist_apply, fd.settings.model()),
+        params=fd.params,
+        channels=(1,),
+        resolution=fd_fmnist_lib.RESOLUTION,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """A metric: the extractor output it reads and the result columns it fills."""
+
+    name: str
+    extractor: str
+    output: str
+    columns: tuple[str, ...]
+    description: str
+
+
+METRICS: dict[str, Metric] = {
+    "fid": Metric("fid", "inception", "pool3", ("fid",), "FID (Inception pool3)"),
+    "fdd": Metric("fdd", "dinov2", "features", ("fdd",), "FDD (DINOv2 CLS)"),
+    "is": Metric("is", "inception", "logits_unbiased", ("is", "is_std"), "Inception Score"),
+    "pr": Metric(
+        "pr", "inception", "pool3", ("precision", "recall"), "precision/recall (k=3, pool3)"
+    ),
+    "fd_fmnist": Metric(
+        "fd_fmnist", "fd_fmnist", "features", ("fd_fmnist",), "FD-FMNIST (demo classifier)"
+    ),
+}
+
+#: Every result column a metric can fill, in table order.
+METRIC_COLUMNS = tuple(column for metric in METRICS.values() for column in metric.columns)
+
+
+def needed_extractors(metrics: Sequence[str]) -> dict[str, set[str]]:
+    """Extractor name -> the outputs that ``metrics`` read from it."""
+    needed: dict[str, set[str]] = {}
+    for name in metrics:
+        metric = METRICS[name]
+        needed.setdefault(metric.extractor, set()).add(metric.output)
+    return needed

@@ -1,0 +1,315 @@
+"""Reference statistics: checking, loading and computing them.
+
+One ``.npz`` serves every metric; keys by metric:
+
+=========  =======================================  =========================================
+metric     keys                                     notes
+=========  =======================================  =========================================
+fid        ``mu`` (2048,), ``sigma``, ``num_samples``  ADM reference batches have these too
+fdd        ``fdd_mu`` (D,), ``fdd_sigma``,           or ``mu``/``sigma`` of a separate file
+           ``fdd_num_samples``                      given as ``--fdd_reference``
+pr         ``pr_features`` (M, 2048) float32        or ADM's ``arr_0`` reference images,
+                                                    whose Inception features are computed
+is         (none)                                    no reference
+fd_fmnist  (none)                                    the FD-FMNIST cache's test statistics
+=========  =======================================  =========================================
+
+``compute_reference`` writes such a file from a dataset (``config.data``), so
+``--reference=OUT.npz`` then works for fid, fdd and pr at once.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Mapping, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from dfm_jax import data, metrics, parallel, viz
+from dfm_jax.evaluation import results
+from dfm_jax.evaluation.extraction import FeatureFunction
+from dfm_jax.evaluation.features import METRICS, FeatureExtractor, needed_extractors
+from dfm_jax.evaluation.scores import allgather_rows
+
+REFERENCE_METRICS = ("fid", "fdd", "pr")
+_WEIGHT_FLAGS = {"inception": "--inception_weights", "dinov2": "--dinov2_weights"}
+
+
+def _weights_help(extractor: str) -> str:
+    if extractor == "inception":
+        from dfm_jax.weights import inception
+
+        return f"pytorch-fid's FID Inception weights, {inception.WEIGHTS_URL}"
+    from dfm_jax.weights import dinov2
+
+    return f"DINOv2 weights, e.g. ViT-L/14 {dinov2.OFFICIAL_URL} (or {dinov2.HF_URL})"
+
+
+def check_files(
+    metric_names: Sequence[str],
+    *,
+    weights: Mapping[str, str | None],
+    reference: str | None = None,
+    fdd_reference: str | None = None,
+    injected: Sequence[str] = (),
+    need_reference: bool = True,
+) -> None:
+    """Raises ``FileNotFoundError`` listing every needed file that is unset or missing.
+
+    Args:
+      metric_names: the metrics to compute.
+      weights: extractor name ("inception", "dinov2") -> weights path or None.
+      reference, fdd_reference: the reference files (see the module docstring).
+      injected: extractors supplied ready-made (their weights are not needed).
+      need_reference: False when computing references (no reference is read).
+    """
+    problems = []
+    for extractor in sorted(needed_extractors(metric_names)):
+        if extractor not in _WEIGHT_FLAGS or extractor in injected:
+            continue
+        flag, path = _WEIGHT_FLAGS[extractor], weights.get(extractor)
+        users = [m for m in metric_names if METRICS[m].extractor == extractor]
+        if not path:
+            problems.append(f"{flag} is required for {users}: {_weights_help(extractor)}")
+        elif not os.path.exists(path):
+            problems.append(f"{flag}={path} does not exist; get {_weights_help(extractor)}")
+    files: dict[tuple[str, str | None], list[str]] = {}
+    for name in metric_names if need_reference else ():
+        if name in REFERENCE_METRICS:
+            use_fdd = name == "fdd" and fdd_reference
+            flag = ("--fdd_reference", fdd_reference) if use_fdd else ("--reference", reference)
+            files.setdefault(flag, []).append(name)
+    for (flag, path), users in files.items():
+        if not path:
+            problems.append(
+                f"{flag} is required for {users}: an .npz of reference statistics (an ADM "
+                "reference batch, or one written by --compute_reference)"
+            )
+        elif not os.path.exists(path):
+            problems.append(f"{flag}={path} does not exist")
+    if problems:
+        raise FileNotFoundError("missing evaluation inputs:\n  " + "\n  ".join(problems))
+
+
+def _npz_keys(path: str) -> list[str]:
+    with np.load(path, allow_pickle=False) as npz:
+        return list(npz.files)
+
+
+def _check_dim(name: str, mu: np.ndarray, dim: int, path: str) -> None:
+    if mu.shape[0] != dim:
+        raise ValueError(
+            f"{name} reference {path} holds {mu.shape[0]}-dimensional statistics but the "
+            f"feature extractor gives {dim}; use statistics of the same network"
+        )
+
+
+def load_frechet_reference(
+    name: str, dim: int, reference: str | None, fdd_reference: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(mu, sigma)`` of metric ``name`` ("fid" or "fdd"), checked against ``dim``."""
+    if name == "fid":
+        mu, sigma = metrics.load_reference_statistics(reference)
+        _check_dim(name, mu, dim, reference)
+        return mu, sigma
+    path = fdd_reference or reference
+    keys = _npz_keys(path)
+    if "fdd_mu" in keys:
+        mu, sigma = metrics.load_reference_statistics(path, ("fdd_mu", "fdd_sigma"))
+    elif fdd_reference:
+        mu, sigma = metrics.load_reference_statistics(path)
+    else:
+        raise ValueError(
+            f"{path} has no DINOv2 statistics ('fdd_mu'/'fdd_sigma'; keys: {sorted(keys)}); pass "
+            "--fdd_reference with DINOv2 mu/sigma, or a --reference written by "
+            "--compute_reference with fdd in --metrics"
+        )
+    _check_dim(name, mu, dim, path)
+    return mu, sigma
+
+
+def load_pr_reference(reference: str, dim: int) -> np.ndarray:
+    """Reference features for precision/recall: ``pr_features`` or ``arr_0`` images.
+
+    Returns float32 ``(M, dim)`` features, or uint8 ``(M, H, W, C)`` images (ADM
+    reference batches) whose features the caller must extract.
+    """
+    with np.load(reference, allow_pickle=False) as npz:
+        if "pr_features" in npz.files:
+            features = np.asarray(npz["pr_features"], np.float32)
+            if features.ndim != 2 or features.shape[1] != dim:
+                raise ValueError(
+                    f"{reference}: pr_features {features.shape} must be (M, {dim}) Inception "
+                    "pool3 features"
+                )
+            return features
+        if "arr_0" in npz.files:
+            images = np.asarray(npz["arr_0"])
+            if images.dtype != np.uint8 or images.ndim != 4:
+                raise ValueError(
+                    f"{reference}: arr_0 must be uint8 (M, H, W, C) images, got "
+                    f"{images.dtype} {images.shape}"
+                )
+            return images
+        raise ValueError(
+            f"{reference} has neither 'pr_features' nor ADM reference images 'arr_0' (keys: "
+            f"{sorted(npz.files)}); precision/recall needs reference features: compute them "
+            "with --compute_reference and pr in --metrics"
+        )
+
+
+def extract_host_images(
+    function: FeatureFunction, images: np.ndarray, batch_size: int, output: str
+) -> np.ndarray:
+    """Features ``output`` of uint8 host images every process holds, in order, float32."""
+    rows = []
+    count = len(images)
+    for start in range(0, count, batch_size):
+        block = images[start : start + batch_size]
+        ids = np.arange(start, start + batch_size, dtype=np.int32)
+        ids[len(block) :] = -1
+        padded = np.zeros((batch_size, *images.shape[1:]), np.uint8)
+        padded[: len(block)] = block
+        batch = data.make_global_batch(
+            {"image": padded[_local_slice(batch_size)], "id": ids[_local_slice(batch_size)]},
+            function.mesh,
+            parallel.BATCH_AXES,
+        )
+        local_ids, blocks = function.local_rows(batch["image"], batch["id"])
+        rows.append((local_ids, blocks[output]))
+    # Ids (< 2**24) travel exactly as float32 rows.
+    ids = allgather_rows(np.concatenate([r[0] for r in rows])[:, None].astype(np.float32))
+    features = allgather_rows(np.concatenate([r[1] for r in rows]))
+    return features[np.argsort(ids[:, 0], kind="stable")]
+
+
+def _local_slice(global_size: int) -> slice:
+    local = data.local_batch_size(global_size, jax.process_count())
+    return slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+
+
+def compute_reference(
+    config: ml_collections.ConfigDict,
+    output: str,
+    metric_names: Sequence[str],
+    extractors: Mapping[str, FeatureExtractor],
+    *,
+    split: str | None = None,
+    num_samples: int | None = None,
+    batch_size: int | None = None,
+    pr_samples: int = 10_000,
+    mesh: jax.sharding.Mesh | None = None,
+) -> dict[str, int]:
+    """Reference statistics of a dataset split, written to ``output`` (keys above).
+
+    Reads ``config.data`` (with ``split`` if given) through ``data.make_source`` in a
+    seeded shuffled order, images quantised to uint8 as samples are.
+
+    Args:
+      config: the experiment config (``data``, ``mesh``, ``seed``, ``batch_size``).
+      output: the ``.npz`` to write.
+      metric_names: metrics whose references to compute (fid, fdd, pr; others are
+        skipped: they need no reference or bring their own).
+      extractors: name -> extractor for the metrics' networks.
+      split: the dataset split (default ``config.data.split``).
+      num_samples: how many images (default: the whole split).
+      batch_size: global batch (default ``config.batch_size``).
+      pr_samples: reference features kept for precision/recall.
+      mesh: defaults to the one ``config.mesh`` describes.
+
+    Returns:
+      Metric -> number of images its reference covers.
+    """
+    names = [m for m in metric_names if m in REFERENCE_METRICS]
+    skipped = sorted(set(metric_names) - set(names))
+    if skipped:
+        logging.info(
+            "No reference to compute for %s (IS needs none; FD-FMNIST has its own)", skipped
+        )
+    if not names:
+        raise ValueError(f"none of {list(metric_names)} uses reference statistics; use fid/fdd/pr")
+    data_config = ml_collections.ConfigDict(config.data.to_dict())
+    if split:
+        data_config.split = split
+    source = data.make_source(data_config)
+    if isinstance(source, data.ArrayRecordLatentSource):
+        raise ValueError(
+            "reference statistics are computed on pixels, but config.data is a latent dataset "
+            "(array_record); decoding latents needs the autoencoder: point config.data at the "
+            "pixel images (image_folder / tfds) instead"
+        )
+    mesh = mesh or parallel.create_mesh(dict(config.mesh))
+    batch_size = int(batch_size or config.batch_size)
+    dp = parallel.data_parallel_size(mesh)
+    if batch_size % dp:
+        raise ValueError(
+            f"batch size {batch_size} is not divisible by the {dp} data-parallel devices"
+        )
+    needed = needed_extractors(names)
+    function = FeatureFunction(extractors, needed, mesh)
+    function.check_input(tuple(source.example_shape))
+
+    processes, process = jax.process_count(), jax.process_index()
+    per_process = len(source) // processes
+    total = min(int(num_samples or per_process * processes), per_process * processes)
+    limit = total // processes + (process < total % processes)
+    local_batch = data.local_batch_size(batch_size, processes)
+    largest_limit = -(-total // processes)
+    num_batches = -(-largest_limit // local_batch)  # the same on every process
+    dataset = data.make_dataset(
+        source,
+        global_batch_size=batch_size,
+        seed=int(config.seed),
+        num_epochs=1,
+        shuffle=True,
+        drop_remainder=False,
+    )
+    iterator = iter(dataset)
+    dims = {m: extractors[METRICS[m].extractor].outputs[METRICS[m].output] for m in names}
+    stats = {m: metrics.RunningStatistics(dims[m]) for m in names if m != "pr"}
+    pr_rows, pr_limit = [], -(-pr_samples // processes)
+    seen = 0
+    for _ in tqdm(range(num_batches), desc="reference", unit="batch", disable=process != 0):
+        images = np.zeros((local_batch, *source.example_shape), np.uint8)
+        ids = np.full((local_batch,), -1, np.int32)
+        take = min(local_batch, limit - seen)
+        if take > 0:
+            batch = next(iterator)
+            take = min(take, len(batch["image"]))
+            images[:take] = viz.to_uint8(batch["image"][:take])
+            ids[:take] = np.arange(seen, seen + take)
+            seen += take
+        global_batch = data.make_global_batch(
+            {"image": images, "id": ids}, mesh, parallel.BATCH_AXES
+        )
+        _, blocks = function.local_rows(global_batch["image"], global_batch["id"])
+        for name in stats:
+            metric = METRICS[name]
+            stats[name].update(blocks[f"{metric.extractor}/{metric.output}"])
+        if "pr" in names and sum(len(r) for r in pr_rows) < pr_limit:
+            pr_rows.append(blocks["inception/pool3"])
+    arrays: dict[str, np.ndarray] = {}
+    counts = {}
+    for name, local in stats.items():
+        gathered = metrics.gather_across_processes(local)
+        prefix = "" if name == "fid" else f"{name}_"
+        arrays[f"{prefix}mu"] = gathered.mean
+        arrays[f"{prefix}sigma"] = gathered.covariance
+        arrays[f"{prefix}num_samples"] = np.int64(gathered.count)
+        counts[name] = gathered.count
+    if "pr" in names:
+        empty = np.zeros((0, dims["pr"]), np.float32)
+        local = np.concatenate(pr_rows)[:pr_limit] if pr_rows else empty
+        arrays["pr_features"] = allgather_rows(local)[:pr_samples]
+        counts["pr"] = len(arrays["pr_features"])
+    if process == 0:
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        results.atomic_write_bytes(output, buffer.getvalue())
+        logging.info("Wrote reference statistics %s to %s", counts, output)
+    return counts

@@ -1,0 +1,201 @@
+"""Evaluation outputs: ``results.csv`` / ``results.md``, ADM sample files, PNG grids.
+
+``<workdir>/eval/results.csv`` has one row per evaluated sweep point with the
+columns ``COLUMNS`` (metrics a run did not compute are empty); ``results.md`` is
+the same table in Markdown, regenerated from the CSV after every point. Both are
+written atomically (a temporary file, then a rename), so an interrupted run
+leaves complete files, and the next run skips the points whose ``KEY_COLUMNS``
+(checkpoint step, number of samples, seed, metric set and sampler settings)
+already have a row.
+
+Throughput columns: ``gen_images_per_s`` is samples per second of generation
+(sampling, decoding, uint8 quantisation), ``feature_images_per_s`` of feature
+extraction plus the host-side metric accumulation; both leave out the first
+batch, which compiles, when there is more than one. ``seconds`` is the point's
+wall time, compilation and the final metric computation included.
+
+Paths go through ``etils.epath``, so the workdir may be a ``gs://`` bucket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import os
+import zipfile
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+from dfm_jax import viz
+from dfm_jax.evaluation.features import METRIC_COLUMNS
+
+KEY_COLUMNS = (
+    "step",
+    "num_samples",
+    "seed",
+    "metrics",
+    "cfg",
+    "tau",
+    "steps",
+    "solver",
+    "interval",
+)
+THROUGHPUT_COLUMNS = ("gen_images_per_s", "feature_images_per_s", "seconds")
+COLUMNS = (*KEY_COLUMNS, "nfe", *METRIC_COLUMNS, *THROUGHPUT_COLUMNS)
+RESULTS_CSV = "results.csv"
+RESULTS_MD = "results.md"
+
+_HEADERS = {
+    "num_samples": "samples",
+    "gen_images_per_s": "gen img/s",
+    "feature_images_per_s": "feat img/s",
+    "seconds": "s",
+    "is_std": "IS std",
+    "is": "IS",
+    "fid": "FID",
+    "fdd": "FDD",
+    "fd_fmnist": "FD-FMNIST",
+}
+
+
+def format_value(column: str, value: Any) -> str:
+    """The text of a value in ``results.csv``."""
+    if value is None or value == "":
+        return ""
+    if isinstance(value, float | np.floating):
+        if column == "seconds":
+            return f"{value:.1f}"
+        if column in THROUGHPUT_COLUMNS:
+            return f"{value:.4g}"
+        return f"{value:.6g}"
+    return str(value)
+
+
+def row_key(row: Mapping[str, Any]) -> tuple[str, ...]:
+    """The identity of a result row (what resuming compares)."""
+    return tuple(format_value(c, row.get(c, "")) for c in KEY_COLUMNS)
+
+
+def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
+    """Writes ``payload`` to a temporary file next to ``path``, then renames it into place."""
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    temporary.write_bytes(payload)
+    temporary.replace(path)
+
+
+def read_results(eval_dir: str | os.PathLike) -> list[dict[str, str]]:
+    """The rows of ``eval_dir/results.csv`` (empty when absent)."""
+    path = epath.Path(eval_dir) / RESULTS_CSV
+    if not path.exists():
+        return []
+    with path.open("r") as f:
+        return [dict(row) for row in csv.DictReader(f)]
+
+
+def write_results(eval_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Writes ``rows`` to ``results.csv`` and the Markdown table to ``results.md``."""
+    extra = sorted({c for row in rows for c in row} - set(COLUMNS))
+    columns = [*COLUMNS, *extra]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: format_value(c, row.get(c, "")) for c in columns})
+    directory = epath.Path(eval_dir)
+    atomic_write_bytes(directory / RESULTS_CSV, buffer.getvalue().encode())
+    table = markdown_table([{c: format_value(c, row.get(c, "")) for c in columns} for row in rows])
+    header = "# Evaluation results\n\nGenerated from results.csv by dfm_jax.eval.\n\n"
+    atomic_write_bytes(directory / RESULTS_MD, (header + table).encode())
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A Markdown table of result rows: the sweep columns, then the filled metric columns."""
+    shown = ["step", "num_samples", "cfg", "tau", "steps", "solver", "interval", "nfe"]
+    shown += [c for c in METRIC_COLUMNS if any(row.get(c, "") != "" for row in rows)]
+    shown += list(THROUGHPUT_COLUMNS)
+    if not any(row.get("tau", "") for row in rows):
+        shown.remove("tau")
+    lines = [
+        "| " + " | ".join(_HEADERS.get(c, c) for c in shown) + " |",
+        "|" + "|".join("---" for _ in shown) + "|",
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join(format_value(c, row.get(c, "")) for c in shown) + " |")
+    return "\n".join(lines) + "\n"
+
+
+class AdmNpzWriter:
+    """Streams samples into an ADM-format ``.npz``: ``arr_0`` uint8 images, ``arr_1`` labels.
+
+    The archive is the layout of ``np.savez`` (stored, not compressed; zip64), so
+    ``np.load`` and ADM's evaluator read it, but the images are written batch by
+    batch and never held in memory together. It is written under a temporary name
+    and renamed into place by ``close()``; ``abort()`` removes it.
+
+    Args:
+      path: the output file.
+      image_shape: one image's ``(H, W, C)``.
+      labels: all ``N`` labels, int.
+    """
+
+    def __init__(self, path: str | os.PathLike, image_shape: Sequence[int], labels: np.ndarray):
+        self.path = epath.Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.temporary = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}"
+        self.labels = np.asarray(labels, np.int64)
+        self.shape = (len(self.labels), *(int(s) for s in image_shape))
+        self.written = 0
+        self._file = self.temporary.open("wb")
+        self._zip = zipfile.ZipFile(self._file, "w", zipfile.ZIP_STORED, allowZip64=True)
+        self._entry = self._zip.open("arr_0.npy", "w", force_zip64=True)
+        header = {"descr": "|u1", "fortran_order": False, "shape": self.shape}
+        np.lib.format.write_array_header_2_0(self._entry, header)
+
+    def write(self, images: np.ndarray) -> None:
+        """Appends ``(n, H, W, C)`` uint8 images."""
+        images = np.ascontiguousarray(images, np.uint8)
+        if images.shape[1:] != self.shape[1:] or self.written + len(images) > self.shape[0]:
+            raise ValueError(
+                f"cannot append images {images.shape} to {self.shape} ({self.written} written)"
+            )
+        self._entry.write(images.tobytes())
+        self.written += len(images)
+
+    def close(self) -> None:
+        """Finishes the archive and moves it into place."""
+        if self.written != self.shape[0]:
+            raise ValueError(f"wrote {self.written} of {self.shape[0]} images")
+        self._entry.close()
+        with self._zip.open("arr_1.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array(f, self.labels, allow_pickle=False)
+        self._zip.close()
+        self._file.close()
+        self.temporary.replace(self.path)
+
+    def abort(self) -> None:
+        for closable in (self._entry, self._zip, self._file):
+            with contextlib.suppress(ValueError, OSError):
+                closable.close()
+        if self.temporary.exists():
+            self.temporary.unlink()
+
+
+def save_png_grid(path: str | os.PathLike, images: np.ndarray, columns: int | None = None) -> None:
+    """Writes uint8 ``(N, H, W, C)`` images as one PNG grid (``columns`` default sqrt N)."""
+    images = np.asarray(images, np.uint8)
+    if columns is None:
+        columns = max(1, int(np.ceil(np.sqrt(len(images)))))
+    grid = viz.image_grid(images.astype(np.float32) / 127.5 - 1.0, columns=columns)
+    atomic_write_bytes(path, viz.png_bytes(grid))
+
+
+def summary_table(rows: Iterable[Mapping[str, Any]]) -> str:
+    """The Markdown table of ``rows`` (printed at the end of a sweep)."""
+    rows = list(rows)
+    return markdown_table(rows) if rows else "(no results)\n"
