@@ -56,10 +56,13 @@ fashion-mnist:
 demo: $(RUNTIME_STAMP) fashion-mnist
 	@download=""; [ -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ] || download="--config.data.download=True"; \
 	$(PY) -m dfm_jax.main --config=configs/demo.py --workdir=$(DEMO_WORKDIR) $$download $(DEMO_FLAGS)
+	$(PY) -m dfm_jax.eval --config=configs/demo.py --workdir=$(DEMO_WORKDIR) --demo_report \
+	  $$download $(DEMO_FLAGS)
 	@echo
 	@echo "Demo finished. Outputs in $(DEMO_WORKDIR):"
 	@echo "  samples/step_*_grid.png      class-conditional samples (one class per row)"
 	@echo "  samples/step_*_previews.png  per example: stage-1 preview (16x16), final sample (32x32)"
+	@echo "  eval/results.md              FD-FMNIST of the samples (lower is better)"
 	@echo "  checkpoints/                 Orbax checkpoints (run 'make demo' again to resume)"
 	@echo "  TensorBoard:                 $(VENV)/bin/tensorboard --logdir $(DEMO_WORKDIR)"
 

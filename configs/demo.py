@@ -9,11 +9,11 @@ from dfm_jax import configlib
 
 def get_config():
     config = configlib.base_config()
-    config.total_steps = 3000
+    config.total_steps = 800
     config.batch_size = 64
     config.log_every = 100
-    config.checkpoint_every = 1000
-    config.sample_every = 1000
+    config.checkpoint_every = 400
+    config.sample_every = 400
 
     config.data.source = "fashion_mnist"
     config.data.resolution = 32
@@ -25,12 +25,12 @@ def get_config():
 
     config.model.size = "S"
     config.model.patch_sizes = (2, 4)
-    config.model.depth = 6
-    config.model.width = 192
-    config.model.num_heads = 6
+    config.model.depth = 4
+    config.model.width = 128
+    config.model.num_heads = 4
 
     config.optimizer.learning_rate = 1e-3
-    config.optimizer.warmup_steps = 200
+    config.optimizer.warmup_steps = 100
     config.optimizer.weight_decay = 0.0
     config.optimizer.ema_decay = 0.999
 

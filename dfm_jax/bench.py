@@ -7,7 +7,9 @@ For the config's model and its single-scale Flow Matching twin
 (``configlib.flow_matching_twin``: same backbone, token grid, batch and
 optimizer), measured in the same process on the same devices:
 
-* step time: median over ``--steps`` (at least 20) timed steps after warm-up;
+* step time: median over ``--steps`` (at least 20) timed steps after warm-up,
+  taken in interleaved rounds (FM, DFM, FM, ...) so that drift of the machine's
+  speed affects both alike;
 * examples/s; analytic model FLOP/s (3 x forward FLOPs x batch / step time);
 * the same device's measured dense-matmul FLOP/s in the model's compute dtype,
   and MFU against it (and against the data-sheet peak where one is known);
@@ -38,6 +40,7 @@ from dfm_jax.models import dit
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per model (>= 20 for reporting).")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+_ROUNDS = flags.DEFINE_integer("rounds", 4, "Interleaved timing rounds (FM, DFM, FM, ...).")
 _JSON = flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
 flags.mark_flags_as_required(["config"])
 
@@ -74,8 +77,31 @@ def _peak_bytes_in_use() -> int | None:
     return None if not stats else int(stats.get("peak_bytes_in_use", 0))
 
 
-def benchmark(config, name: str, steps: int, warmup: int, matmul_flops: float) -> Result:
-    """Times the real train step of ``config`` on a fixed synthetic batch."""
+@dataclasses.dataclass
+class _Runner:
+    """One model's compiled step, its state and batch, and the step times so far."""
+
+    name: str
+    config: ml_collections.ConfigDict
+    setup: train.Setup
+    step_fn: train.MeshBound
+    state: object
+    batch: object
+    key: jax.Array
+    compiled_bytes: int
+    times: list[float] = dataclasses.field(default_factory=list)
+
+    def run(self, steps: int) -> None:
+        """Timed steps, each waited for (so the times do not overlap)."""
+        for _ in range(steps):
+            start = time.perf_counter()
+            self.state, metrics = self.step_fn(self.state, self.batch, self.key)
+            jax.block_until_ready((self.state, metrics))
+            self.times.append(time.perf_counter() - start)
+
+
+def prepare(config, name: str, warmup: int) -> _Runner:
+    """Builds, compiles and warms up the real train step on a fixed synthetic batch."""
     config = ml_collections.ConfigDict(config.to_dict())
     config.data.source = "synthetic"
     config.data.num_examples = max(config.batch_size, 64)
@@ -86,26 +112,24 @@ def benchmark(config, name: str, steps: int, warmup: int, matmul_flops: float) -
         setup.source, global_batch_size=config.batch_size, seed=config.seed
     )
     batch = data.make_global_batch(next(iterator), setup.mesh, parallel.BATCH_AXES)
-
     step_fn = train.compile_train_step(setup)
     compiled_bytes = _compiled_bytes(step_fn.lower(state, batch, train_key).compile())
-    for _ in range(1 + warmup):  # the first call compiles
-        state, metrics = step_fn(state, batch, train_key)
-    jax.block_until_ready(state)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        state, metrics = step_fn(state, batch, train_key)
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - start)
-    step_seconds = float(np.median(times))
+    runner = _Runner(name, config, setup, step_fn, state, batch, train_key, compiled_bytes)
+    runner.run(1 + warmup)  # the first call compiles
+    runner.times.clear()
+    return runner
+
+
+def summarize(runner: _Runner, matmul_flops: float) -> Result:
+    config, setup = runner.config, runner.setup
+    step_seconds = float(np.median(runner.times))
     forward = dit.forward_flops(setup.model_config, setup.scale_shapes)
     model_flops = perf.TRAIN_FLOPS_PER_FORWARD * forward * config.batch_size / step_seconds
     model_flops /= jax.device_count()
     published = perf.published_peak_flops()
     return Result(
-        name=name,
-        params_millions=sum(x.size for x in jax.tree.leaves(state.params)) / 1e6,
+        name=runner.name,
+        params_millions=sum(x.size for x in jax.tree.leaves(runner.state.params)) / 1e6,
         forward_gflops_per_example=forward / 1e9,
         step_seconds=step_seconds,
         examples_per_second=config.batch_size / step_seconds,
@@ -113,9 +137,24 @@ def benchmark(config, name: str, steps: int, warmup: int, matmul_flops: float) -
         matmul_tflops_per_device=matmul_flops / 1e12,
         mfu_measured=model_flops / matmul_flops,
         mfu_published=model_flops / published if published else None,
-        compiled_bytes=compiled_bytes,
+        compiled_bytes=runner.compiled_bytes,
         peak_bytes_in_use=_peak_bytes_in_use(),
     )
+
+
+def benchmark(configs: dict, steps: int, warmup: int, rounds: int, matmul_flops: float):
+    """Times every config's step in interleaved rounds, so drift hits all alike.
+
+    Args:
+      configs: name -> config, in the order of the table.
+      steps: timed steps per model in all (split over ``rounds``).
+    """
+    runners = [prepare(config, name, warmup) for name, config in configs.items()]
+    per_round = -(-steps // rounds)
+    for _ in range(rounds):
+        for runner in runners:
+            runner.run(per_round)
+    return [summarize(runner, matmul_flops) for runner in runners]
 
 
 def markdown(results: list[Result], baseline: Result) -> str:
@@ -145,19 +184,16 @@ def main(argv):
     config = _CONFIG.value
     dtype = jnp.dtype(config.model.dtype)
     matmul_flops = perf.measure_matmul_flops(size=2048, dtype=dtype)
-    twin = configlib.flow_matching_twin(config)
-    fm = benchmark(twin, "FM (1 scale)", _STEPS.value, _WARMUP.value, matmul_flops)
-    dfm = benchmark(
-        config,
-        f"DFM ({len(config.pyramid.ratios) + 1} scales)",
-        _STEPS.value,
-        _WARMUP.value,
-        matmul_flops,
-    )
+    configs = {
+        "FM (1 scale)": configlib.flow_matching_twin(config),
+        f"DFM ({len(config.pyramid.ratios) + 1} scales)": config,
+    }
+    fm, dfm = benchmark(configs, _STEPS.value, _WARMUP.value, _ROUNDS.value, matmul_flops)
     device = jax.devices()[0]
     print(
         f"\nDevice: {device.device_kind} x {jax.device_count()} ({jax.default_backend()}); "
-        f"batch {config.batch_size}; compute {dtype.name}; median of {_STEPS.value} steps\n"
+        f"batch {config.batch_size}; compute {dtype.name}; median of {_STEPS.value} steps "
+        f"per model in {_ROUNDS.value} interleaved rounds\n"
     )
     print(markdown([fm, dfm], baseline=fm))
     if _JSON.value:
