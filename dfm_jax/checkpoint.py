@@ -27,13 +27,16 @@ class Checkpointer:
     """Thin wrapper over ``ocp.CheckpointManager`` for one training run.
 
     Args:
-      directory: where step directories live (local path or ``gs://``).
+      directory: where step directories live (local path, relative or absolute, or
+        ``gs://``).
       max_to_keep: number of most recent checkpoints kept.
       async_save: write in a background thread.
     """
 
     def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
-        self.directory = os.fspath(directory)
+        directory = os.fspath(directory)
+        # Orbax needs absolute paths; remote paths (gs://...) are absolute already.
+        self.directory = directory if "://" in directory else os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             create=True,

@@ -23,11 +23,15 @@ def _compile_cache():
 
 
 def test_demo_config_end_to_end(tmp_path):
-    """configs/demo.py with tiny overrides: exit 0, checkpoints, TensorBoard events, PNGs."""
+    """configs/demo.py with tiny overrides: exit 0, checkpoints, TensorBoard events, PNGs.
+
+    The workdir is given as a relative path, as ``make demo`` does.
+    """
     workdir = tmp_path / "demo"
     log = train_utils.run_main(
-        workdir,
+        "demo",
         {"total_steps": 2, "log_every": 1, "checkpoint_every": 1, "sample_every": 2},
+        cwd=tmp_path,
     )
     assert re.search(r"step 2/2 \| loss \d+\.\d+", log), train_utils.tail(log)
     assert train_utils.checkpoint_steps(workdir / "checkpoints") == [1, 2]

@@ -148,15 +148,15 @@ def main_command(workdir, overrides: dict | None = None, config=DEMO_CONFIG) -> 
     ]
 
 
-def run_main(workdir, overrides: dict | None = None, timeout: float = 240) -> str:
-    """Runs ``python -m dfm_jax.main`` to completion; returns its log (stderr).
+def run_main(workdir, overrides: dict | None = None, timeout: float = 240, cwd=REPO) -> str:
+    """Runs ``python -m dfm_jax.main`` to completion in ``cwd``; returns its log (stderr).
 
     Fails the test with the log's tail when the exit status is not 0.
     """
     result = subprocess.run(
         main_command(workdir, overrides),
         env=subprocess_env(),
-        cwd=REPO,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
