@@ -19,6 +19,11 @@ from dfm_jax.models import dit
 PYRAMID_KINDS = ("laplacian", "haar")
 
 
+def _optional(kind: type):
+    """A field that is None unless set, typed so that ``--config.x=...`` overrides parse."""
+    return ml_collections.config_dict.placeholder(kind)
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Defaults shared by every experiment (the paper's optimisation setup)."""
     c = ml_collections.ConfigDict()
@@ -46,7 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.pyramid.kind = "laplacian"  # "laplacian" | "haar"
     c.pyramid.ratios = (2,)  # coarse-to-fine resolution ratios; () is Flow Matching
     c.pyramid.standardize = False  # divide scale s by its data std (paper: off for images)
-    c.pyramid.stds = ml_collections.config_dict.placeholder(tuple)  # per-scale stds, or data's
+    c.pyramid.stds = _optional(tuple)  # per-scale stds, or data's
 
     # --- Objective (dfm_jax.flow.ObjectiveConfig) ---------------------------------------------
     c.objective = ml_collections.ConfigDict()
@@ -62,13 +67,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.size = "XL"  # S | B | L | XL
     c.model.patch_sizes = (1, 2)  # one per scale, equal token grids
-    c.model.depth = ml_collections.config_dict.placeholder(int)  # overrides the size's depth
-    c.model.width = ml_collections.config_dict.placeholder(int)
-    c.model.num_heads = ml_collections.config_dict.placeholder(int)
+    c.model.depth = _optional(int)  # overrides the size's depth
+    c.model.width = _optional(int)
+    c.model.num_heads = _optional(int)
     c.model.positions = "rope"  # "rope" (paper) | "sincos" (authors' reimplementation)
     c.model.stage_embedding = True
     c.model.preconditioning = False
-    c.model.attention_impl = ml_collections.config_dict.placeholder(str)  # xla | cudnn | None
+    c.model.attention_impl = _optional(str)  # xla | cudnn | None
     c.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators
     c.model.remat = False
     c.model.remat_policy = "nothing_saveable"
