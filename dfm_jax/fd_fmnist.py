@@ -19,6 +19,7 @@ demo prints next to the model's score so the number means something.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 
@@ -112,9 +113,15 @@ def train_classifier(
     return params
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(model: SmallConvNet, params, images):
+    """The classifier, compiled once per architecture and batch shape."""
+    return model.apply(params, images)
+
+
 def _batched_apply(model: SmallConvNet, params, images: np.ndarray, batch_size: int = 1000):
     """Logits and features of all images, computed in batches on one device."""
-    apply = jax.jit(model.apply)
+    apply = functools.partial(_apply, model)
     logits, features = [], []
     for start in range(0, len(images), batch_size):
         out_logits, out_features = apply(params, jnp.asarray(images[start : start + batch_size]))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding
 
+from dfm_jax import parallel
 from dfm_jax.models import dit
 from dfm_jax.models.dit import DiT, DiTConfig, count_params, dit_config, forward_flops
 
@@ -410,16 +411,7 @@ def test_sharded_apply_with_logical_rules_matches_unsharded():
     inputs = make_inputs(cfg, (4, 8), batch=4, mask=np.array([[1, 1], [1, 0]] * 2, bool))
     model = DiT(cfg)
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "model"))
-    rules = (
-        ("batch", ("data", "fsdp")),
-        ("embed", "fsdp"),
-        ("mlp", "model"),
-        ("heads", "model"),
-        ("kv", None),
-        ("length", None),
-        ("patch", None),
-        ("classes", None),
-    )
+    rules = parallel.DEFAULT_RULES
     specs = nn.get_partition_spec(jax.eval_shape(model.init, jax.random.key(0), *inputs))
     shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
     host_params = random_params(cfg, inputs)
