@@ -15,4 +15,5 @@ def get_config():
     config.pyramid.ratios = (4,)
     config.model.patch_sizes = (1, 4)
     config.sampling.thresholds = (0.95,)
+    config.autoencoder.decode_tile = 64  # decode 1024 px images as overlapping 512 px tiles
     return config

@@ -32,6 +32,11 @@ def get_config():
     config.data.channels = 16
     config.data.worker_count = 4
 
+    # Decodes sample grids and evaluation samples (and names the encoder for prepare).
+    config.autoencoder.name = "flux-ae"
+    config.autoencoder.weights = ""  # FLUX.1-dev vae/diffusion_pytorch_model.safetensors
+    config.autoencoder.dtype = "bfloat16"
+
     config.pyramid.kind = "laplacian"
     config.pyramid.ratios = (2,)
     config.pyramid.standardize = False  # off was better with the FLUX AE (FID 27.13 vs 29.56)

@@ -14,7 +14,7 @@ from typing import Any
 import ml_collections
 
 from dfm_jax import flow, parallel, pyramid, sampling
-from dfm_jax.models import dit
+from dfm_jax.models import autoencoder, dit
 
 PYRAMID_KINDS = ("laplacian", "haar")
 
@@ -105,6 +105,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.latent_sample = False
     c.data.worker_count = 0
 
+    # --- Autoencoder (latent configs; dfm_jax.models.autoencoder) ------------------------------
+    # Empty name: the model works on pixels. Otherwise samples are decoded with this
+    # autoencoder for grids, previews and metrics (and `python -m dfm_jax.prepare` encodes
+    # with it). Names: "sd-vae-ft-ema", "sd-vae-ft-mse", "flux-ae", "tiny" (tests).
+    c.autoencoder = ml_collections.ConfigDict()
+    c.autoencoder.name = ""
+    c.autoencoder.weights = ""  # diffusers diffusion_pytorch_model.safetensors (or its dir)
+    c.autoencoder.dtype = "float32"  # compute dtype; "bfloat16" on accelerators
+    c.autoencoder.decode_tile = 0  # latent tile size for tiled decoding; 0 decodes whole
+
     # --- Sampling (periodic grids; eval sweeps override) --------------------------------------
     c.sampling = ml_collections.ConfigDict()
     c.sampling.steps_per_stage = (30, 10)
@@ -180,9 +190,30 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             "sampling.solver",
             f"must be one of {sampling.SOLVERS}, got {config.sampling.solver!r}",
         )
+    _validate_autoencoder(config)
     if num_devices is not None:
         mesh_sizes = parallel.resolve_mesh_shape(dict(config.mesh), num_devices)
         check_batch_size(config, mesh_sizes[0] * mesh_sizes[1], dict(config.mesh))
+
+
+def _validate_autoencoder(config: ml_collections.ConfigDict) -> None:
+    settings = config.autoencoder
+    if settings.name and settings.name not in autoencoder.PRESETS:
+        raise _error(
+            "autoencoder.name",
+            f"unknown autoencoder {settings.name!r}; use one of {sorted(autoencoder.PRESETS)} "
+            "or '' for pixel space",
+        )
+    if settings.dtype not in ("float32", "bfloat16"):
+        raise _error("autoencoder.dtype", f"must be float32 or bfloat16, got {settings.dtype!r}")
+    if int(settings.decode_tile) < 0:
+        raise _error("autoencoder.decode_tile", f"must be >= 0, got {settings.decode_tile}")
+    if config.data.source == "array_record" and not settings.name:
+        raise _error(
+            "autoencoder.name",
+            "data.source='array_record' trains on autoencoder latents; name the autoencoder "
+            "that encoded them (e.g. sd-vae-ft-ema, flux-ae) so that samples can be decoded",
+        )
 
 
 def check_batch_size(config: ml_collections.ConfigDict, data_parallel: int, mesh_shape) -> None:

@@ -34,6 +34,13 @@ which holds ``mu``/``sigma``/``num_samples`` (FID), ``fdd_mu``/``fdd_sigma``/
 ``fdd_num_samples`` (FDD) and ``pr_features`` (``--pr_reference_samples``
 Inception features), so ``--reference=in512_ref.npz`` serves all three.
 
+An official DFM-SiT checkpoint of the authors' PyTorch reimplementation (a ``.pt``
+training checkpoint with "model" and "ema" state dicts) is evaluated with ``--init``
+instead of a trained workdir (which then only receives the results)::
+
+    python -m dfm_jax.eval --config=configs/imagenet512_dfm_sit.py --workdir=/tmp/dfm_sit \\
+        --init=dfm_sit_imagenet_512px_1k_0400000.pt [--init_key=ema|model] ...
+
 The Fashion-MNIST demo's report (FD-FMNIST of the samples next to train-split
 images and noise)::
 
@@ -81,6 +88,15 @@ _PR_REFERENCE_SAMPLES = flags.DEFINE_integer(
 _DEMO_REPORT = flags.DEFINE_bool(
     "demo_report", False, "FD-FMNIST of the samples vs train images and noise (the demo)."
 )
+_INIT = flags.DEFINE_string(
+    "init",
+    None,
+    "Evaluate this official DFM-SiT PyTorch checkpoint (.pt) instead of a checkpoint of "
+    "--workdir, which then only receives the results (dfm_jax.weights.dfm_sit).",
+)
+_INIT_KEY = flags.DEFINE_enum(
+    "init_key", "ema", ["ema", "model"], "The state dict of --init to evaluate."
+)
 _FD_FMNIST_CACHE = flags.DEFINE_string(
     "fd_fmnist_cache", None, "FD-FMNIST classifier cache (default ~/.cache/dfm_jax)."
 )
@@ -91,6 +107,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None:
         raise app.UsageError("--config is required")
+    if _INIT.value and (_COMPUTE_REFERENCE.value or _DEMO_REPORT.value):
+        raise app.UsageError("--init evaluates sweeps only, not --compute_reference/--demo_report")
     parallel.maybe_initialize_distributed()
     # Imports JAX backends only after distributed start-up.
     from dfm_jax import evaluation
@@ -128,6 +146,8 @@ def main(argv):
             save_png=_SAVE_PNG.value,
             is_splits=_IS_SPLITS.value,
             fd_fmnist_cache=_FD_FMNIST_CACHE.value,
+            init=_INIT.value,
+            init_key=_INIT_KEY.value,
         )
 
 

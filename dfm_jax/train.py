@@ -31,7 +31,7 @@ from absl import logging
 from clu import metric_writers
 from jax.experimental import multihost_utils
 
-from dfm_jax import checkpoint, configlib, data, generate, parallel, perf, viz
+from dfm_jax import autoencoding, checkpoint, configlib, data, generate, parallel, perf, viz
 from dfm_jax.models import dit
 from dfm_jax.train_step import (
     StepConfig,
@@ -65,10 +65,17 @@ class Setup:
     scale_shapes: list
 
 
-def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> Setup:
+def build(
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh | None = None,
+    *,
+    read_data: bool = True,
+) -> Setup:
     """Validates the config and builds the data source, model and state layout.
 
     ``mesh`` (e.g. over a subset of the devices) replaces the one ``config.mesh`` describes.
+    ``read_data=False`` takes the example shape and class count from ``config.data``
+    (``data.data_spec``) instead of opening the dataset (evaluating imported weights).
     """
     if mesh is None:
         configlib.validate(config, num_devices=jax.device_count())
@@ -76,7 +83,8 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
     else:
         configlib.validate(config)
         configlib.check_batch_size(config, parallel.data_parallel_size(mesh), dict(mesh.shape))
-    source = data.make_source(config.data)
+    source = data.make_source(config.data) if read_data else data.data_spec(config.data)
+    autoencoding.check_matches_dataset(config, source)
     example_shape = tuple(source.example_shape)
     num_classes = int(source.num_classes)
     stds = configlib.data_scale_stds(config, source)
@@ -290,14 +298,15 @@ class SampleWriter:
             return_previews=True,
         )
         self.key = jax.random.fold_in(jax.random.key(setup.config.seed), 2**31 - 1)
-        # Grids show pixel images (1 or 3 channels); latents would need the autoencoder and
-        # videos a player: dfm_jax.eval evaluates those.
+        # Latents are drawn through the autoencoder's decoder; 1- or 3-channel pixel images
+        # as they are. Videos need a player: dfm_jax.eval evaluates those.
+        self.codec = autoencoding.load_codec(setup.config, setup.mesh, required=False)
         shape = setup.example_shape
-        self.enabled = len(shape) == 3 and shape[-1] in (1, 3)
+        self.enabled = len(shape) == 3 and (self.codec is not None or shape[-1] in (1, 3))
         if not self.enabled:
             logging.info(
-                "No sample grids for examples of shape %s (only 1- or 3-channel images are "
-                "drawn); evaluate with dfm_jax.eval",
+                "No sample grids for examples of shape %s (1- or 3-channel images, or latents "
+                "with config.autoencoder set, are drawn); evaluate with dfm_jax.eval",
                 shape,
             )
 
@@ -306,6 +315,9 @@ class SampleWriter:
             return
         with jax.set_mesh(self.setup.mesh), nn.logical_axis_rules(_rules(self.setup)):
             images, previews = self.generate(ema_params, self.key, self.labels)
+            if self.codec is not None:
+                images = self.codec.decode(images)
+                previews = [self.codec.decode(p) for p in previews]
         images = np.asarray(multihost_utils.process_allgather(images, tiled=True))
         previews = [np.asarray(multihost_utils.process_allgather(p, tiled=True)) for p in previews]
         grid = viz.image_grid(images, columns=self.per_row)

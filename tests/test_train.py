@@ -291,6 +291,9 @@ def test_nonfinite_batch_skips_the_update(trajectory):
         ({"mesh": {"data": 3, "fsdp": 1, "model": 1}}, r"has 3 devices but 8 are available"),
         ({"pyramid.kind": "wavelet"}, r"config\.pyramid\.kind: must be one of"),
         ({"sampling.solver": "rk4"}, r"config\.sampling\.solver: must be one of"),
+        ({"autoencoder.name": "sdxl-vae"}, r"config\.autoencoder\.name: unknown autoencoder"),
+        ({"autoencoder.dtype": "int8"}, r"config\.autoencoder\.dtype: must be float32"),
+        ({"data.source": "array_record"}, r"config\.autoencoder\.name: .*name the autoencoder"),
     ],
 )
 def test_config_errors(overrides, message):
@@ -323,7 +326,11 @@ def test_valid_config_passes():
             r"Fashion-MNIST 'train' IDX files not found; tried '?/nonexistent/fmnist",
         ),
         (
-            {"data.source": "array_record", "data.dir": "/nonexistent/latents"},
+            {
+                "data.source": "array_record",
+                "data.dir": "/nonexistent/latents",
+                "autoencoder.name": "tiny",
+            },
             data.DataNotFoundError,
             r"no metadata\.json in '/nonexistent/latents'",
         ),

@@ -15,7 +15,7 @@ datasets: writer, metadata, reader), `pipeline` (Grain dataset pipeline), `globa
 """
 
 from dfm_jax.data.common import IMAGE_KEY, LABEL_KEY, DataNotFoundError, Source
-from dfm_jax.data.factory import SOURCES, make_source
+from dfm_jax.data.factory import SOURCES, DataSpec, data_spec, make_source
 from dfm_jax.data.fashion_mnist import FashionMnistSource
 from dfm_jax.data.global_arrays import batch_sharding, make_global_batch
 from dfm_jax.data.idx import IdxFormatError, read_idx, write_idx
@@ -41,6 +41,7 @@ __all__ = [
     "SOURCES",
     "ArrayRecordLatentSource",
     "DataNotFoundError",
+    "DataSpec",
     "FashionMnistSource",
     "IdxFormatError",
     "ImageFolderSource",
@@ -51,6 +52,7 @@ __all__ = [
     "SyntheticSource",
     "TfdsSource",
     "batch_sharding",
+    "data_spec",
     "local_batch_size",
     "make_dataset",
     "make_global_batch",

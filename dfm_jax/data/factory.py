@@ -27,6 +27,7 @@ Fields read from the `data` ConfigDict (missing fields take the defaults below):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -115,6 +116,31 @@ def _array_record(config: Any) -> common.Source:
     return ArrayRecordLatentSource(
         directory, latent_sample=bool(_get(config, "latent_sample", True))
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """What a model needs to know about the data, taken from the config, without reading it.
+
+    For evaluating imported weights (``python -m dfm_jax.eval --init``): the example shape
+    ``(resolution, resolution, channels)`` (or ``(frames, ...)``) and the class count.
+    Stores no per-scale stds (standardised configs must set ``pyramid.stds``).
+    """
+
+    example_shape: tuple[int, ...]
+    num_classes: int
+
+    def scale_stds(self, pyramid_name: str) -> None:
+        del pyramid_name
+        return None
+
+
+def data_spec(config: Any) -> DataSpec:
+    """The ``DataSpec`` that the data config describes (no file is read)."""
+    resolution, channels = int(_get(config, "resolution")), int(_get(config, "channels"))
+    frames = int(_get(config, "frames", 0) or 0)
+    shape = (resolution, resolution, channels)
+    return DataSpec((frames, *shape) if frames else shape, int(_get(config, "num_classes")))
 
 
 #: source name -> builder from the data config.

@@ -29,6 +29,8 @@ from dfm_jax.evaluation.features import METRICS
 from dfm_jax.evaluation.scores import FrechetScore, InceptionScoreStream, PrecisionRecallScore
 from dfm_jax.evaluation.sweep import SweepPoint
 
+#: Model space -> pixels in [-1, 1]: a pytree callable (a ``Codec`` or an
+#: ``autoencoding.FunctionDecoder``), passed to the jitted sampler as an argument.
 Decode = Callable[[jax.Array], jax.Array]
 
 
@@ -128,8 +130,8 @@ def evaluate_point(ctx: PointContext, point: SweepPoint) -> dict[str, Any]:
     )
     sharding = ctx.features.sharding
 
-    def sample(params, key, labels):
-        return to_uint8(ctx.decode(generate(params, key, labels)))
+    def sample(params, decode, key, labels):
+        return to_uint8(decode(generate(params, key, labels)))
 
     sample_fn = train.MeshBound(
         jax.jit(sample, out_shardings=sharding), setup.mesh, train._rules(setup)
@@ -157,7 +159,10 @@ def evaluate_point(ctx: PointContext, point: SweepPoint) -> dict[str, Any]:
             labels[:valid] = ctx.labels[start : start + valid]
             t0 = time.perf_counter()
             images = sample_fn(
-                ctx.params, jax.random.fold_in(base_key, b), global_from_host(labels, sharding)
+                ctx.params,
+                ctx.decode,
+                jax.random.fold_in(base_key, b),
+                global_from_host(labels, sharding),
             )
             images.block_until_ready()
             t1 = time.perf_counter()

@@ -8,6 +8,9 @@ needs, streams them into the metric accumulators (``scores``), and appends a row
 to ``<workdir>/eval/results.csv`` (and ``results.md``, TensorBoard scalars under
 ``<workdir>/eval``). Points already recorded for the same step, sample count,
 seed and metric set are skipped, so an interrupted sweep resumes where it stopped.
+With ``init`` it evaluates an official DFM-SiT checkpoint (a PyTorch ``.pt``,
+imported by ``dfm_jax.weights.dfm_sit``) instead, and ``workdir`` only receives
+the results.
 
 Everything that can fail cheaply is checked before the first sample: the sweep and
 metric names, the weight and reference files, the checkpoint, the batch size
@@ -29,7 +32,7 @@ from clu import metric_writers
 from etils import epath
 from jax.experimental import multihost_utils
 
-from dfm_jax import checkpoint, data, parallel, train
+from dfm_jax import autoencoding, checkpoint, parallel, train
 from dfm_jax.evaluation import references, results
 from dfm_jax.evaluation.extraction import FeatureFunction
 from dfm_jax.evaluation.features import (
@@ -47,6 +50,7 @@ from dfm_jax.evaluation.point import (
     make_score_factory,
 )
 from dfm_jax.evaluation.sweep import SweepPoint, metrics_text, parse_metrics, parse_sweep
+from dfm_jax.models import dit
 
 
 def resolve_step(workdir: str, step: int | None) -> int:
@@ -79,6 +83,35 @@ def restore_ema_params(setup: train.Setup, workdir: str, step: int) -> Any:
     finally:
         checkpointer.close()
     return state.ema_params
+
+
+def init_step(path: str, step: int | None) -> int:
+    """The step recorded for an imported checkpoint: ``step``, else the file's, else 0."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--init={path} does not exist")
+    if step is not None:
+        return int(step)
+    from dfm_jax.weights import dfm_sit
+
+    return dfm_sit.training_step(path) or 0
+
+
+def import_params(setup: train.Setup, path: str, which: str = "ema") -> Any:
+    """The ``which`` weights of an official DFM-SiT checkpoint, placed like the EMA params.
+
+    ``dfm_jax.weights.dfm_sit.load_params`` checks them against the run's model config
+    and token grid and converts them to the paper convention; every process reads
+    the file and builds only its own shards.
+    """
+    from dfm_jax.weights import dfm_sit
+
+    grid = dit.token_grid(setup.model_config, setup.scale_shapes)
+    params = dfm_sit.load_params(path, setup.model_config, which=which, grid=grid)
+    return jax.tree.map(
+        lambda a, x: jax.make_array_from_callback(a.shape, a.sharding, lambda i: x[i]),
+        setup.abstract_state.ema_params,
+        params,
+    )
 
 
 def build_extractors(
@@ -154,10 +187,14 @@ class SweepSettings:
         the one cached in ``fd_fmnist_cache``, trained on first use).
       fd_fmnist_cache: its cache directory (default ``fd_fmnist.default_cache_dir()``).
       decode: ``model space -> pixels in [-1, 1]``, jit-compatible, applied to every
-        generated batch. Identity for pixel-space configs; **latent configs need
-        it** (the autoencoder's decoder) and are refused without it.
+        generated batch. Default: the decoder of ``config.autoencoder`` for latent
+        configs (its weights are then required), the identity for pixel configs.
       mesh: replaces the mesh of ``config.mesh``.
       print_summary: print the Markdown table of this run's rows at the end.
+      init: an official DFM-SiT checkpoint (``.pt``; ``dfm_jax.weights.dfm_sit``) to
+        evaluate instead of a checkpoint of ``workdir``; its rows are recorded under
+        ``step`` if given, else the file's training step (0 if it has none).
+      init_key: the state dict of ``init`` to evaluate: "ema" or "model".
     """
 
     sweep: str = ""
@@ -179,6 +216,8 @@ class SweepSettings:
     decode: Decode | None = None
     mesh: jax.sharding.Mesh | None = None
     print_summary: bool = True
+    init: str | None = None
+    init_key: str = "ema"
 
 
 def run_sweep(config: ml_collections.ConfigDict, workdir: str, **settings) -> list[dict[str, str]]:
@@ -203,7 +242,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, **settings) -> li
         fdd_reference=s.fdd_reference,
         injected=list(s.extractors or {}),
     )
-    step = resolve_step(workdir, s.step)
+    step = init_step(s.init, s.step) if s.init else resolve_step(workdir, s.step)
     seed = int(config.seed if s.seed is None else s.seed)
     eval_dir = os.path.join(workdir, "eval")
     base = {
@@ -228,16 +267,13 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, **settings) -> li
 
 
 def _prepare(config, workdir, s: SweepSettings, metric_names, step: int, seed: int) -> PointContext:
-    """Builds the model, loads networks and references, restores the EMA parameters."""
-    setup = train.build(config, s.mesh)
-    decode = s.decode
-    if decode is None:
-        if isinstance(setup.source, data.ArrayRecordLatentSource):
-            raise ValueError(
-                "this config generates autoencoder latents (data.source='array_record'); "
-                "evaluation needs a decode function from latents to pixels in [-1, 1]"
-            )
-        decode = _identity
+    """Builds the model, loads networks and references, restores (or imports) the params."""
+    setup = train.build(config, s.mesh, read_data=s.init is None)
+    if s.decode is not None:
+        decode = autoencoding.FunctionDecoder(s.decode)
+    else:
+        codec = autoencoding.load_codec(config, setup.mesh, required=True)
+        decode = codec if codec is not None else autoencoding.IDENTITY
     dp = parallel.data_parallel_size(setup.mesh)
     batch_size = s.batch_size
     if batch_size is None:
@@ -273,7 +309,11 @@ def _prepare(config, workdir, s: SweepSettings, metric_names, step: int, seed: i
     )
     return PointContext(
         setup=setup,
-        params=restore_ema_params(setup, workdir, step),
+        params=(
+            import_params(setup, s.init, s.init_key)
+            if s.init
+            else restore_ema_params(setup, workdir, step)
+        ),
         features=function,
         make_scores=make_scores,
         labels=class_balanced_labels(s.num_samples, setup.num_classes, seed),
@@ -310,7 +350,3 @@ def _run_points(ctx: PointContext, points, base: dict, rows: list[dict]) -> None
     finally:
         writer.flush()
         writer.close()
-
-
-def _identity(x: jax.Array) -> jax.Array:
-    return x
