@@ -43,6 +43,23 @@ def _header_ok(path: str) -> bool:
         return False
 
 
+def load_image(path: str | os.PathLike, resolution: int, mode: str = "RGB") -> np.ndarray:
+    """Decodes one image file, converts it to `mode` and ADM-centre-crops it to `resolution`.
+
+    Returns uint8 (resolution, resolution, C). Raises what PIL raises for unreadable files
+    (`READ_ERRORS`).
+    """
+    with Image.open(path) as image:
+        image = image.convert(mode)
+    image = common.center_crop_resize(image, resolution)
+    array = np.asarray(image)
+    return array[..., None] if array.ndim == 2 else array
+
+
+#: Exceptions that mean "this file is not a readable image" (PIL and the OS).
+READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
 def list_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, int]]]:
     """Class names (sorted) and (path, label) pairs of every image file under `root`.
 
@@ -151,11 +168,7 @@ class ImageFolderSource(common.Source):
         return len(self._files)
 
     def _load(self, path: str) -> np.ndarray:
-        with Image.open(path) as image:
-            image = image.convert(self._mode)
-        image = common.center_crop_resize(image, self.resolution)
-        array = np.asarray(image)
-        return array[..., None] if array.ndim == 2 else array
+        return load_image(path, self.resolution, self._mode)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         index = int(index)
@@ -163,7 +176,7 @@ class ImageFolderSource(common.Source):
             path, label = self._files[(index + attempt) % len(self._files)]
             try:
                 pixels = self._load(path)
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            except READ_ERRORS as e:
                 self.num_read_failures += 1
                 if path not in self._failed_paths:
                     self._failed_paths.add(path)

@@ -139,7 +139,8 @@ class LatentMetadata:
             raise ValueError(f"{path}: {e}") from e
 
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Writes `data` to `path` atomically (temp file in the same directory + os.replace)."""
     tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex}"
     try:
         with open(tmp, "wb") as f:
@@ -155,7 +156,7 @@ def _atomic_write_bytes(path: str, data: bytes) -> None:
 def write_metadata(directory: str | os.PathLike, metadata: LatentMetadata) -> str:
     """Writes `directory/metadata.json` atomically (temp file + os.replace); returns its path."""
     path = os.path.join(os.fspath(directory), METADATA_FILENAME)
-    _atomic_write_bytes(path, metadata.to_json().encode("utf-8"))
+    atomic_write_bytes(path, metadata.to_json().encode("utf-8"))
     return path
 
 

@@ -90,6 +90,11 @@ class TfdsSource(common.Source):
                 "--config.data.num_classes"
             )
         self.num_classes = int(num_classes)
+        names = None
+        if self.label_key is not None:
+            names = getattr(features[self.label_key], "names", None)
+        #: Class names of a ClassLabel feature (e.g. ImageNet synset ids), else None.
+        self.class_names = list(names) if names else None
 
         shape = tuple(features[image_key].shape)
         if len(shape) != 3:
@@ -111,8 +116,12 @@ class TfdsSource(common.Source):
     def __len__(self) -> int:
         return len(self._source)
 
+    def raw_record(self, index: int) -> dict:
+        """The TFDS record at `index` as TFDS returns it (uint8 image, label, other features)."""
+        return self._source[int(index)]
+
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        record = self._source[int(index)]
+        record = self.raw_record(index)
         pixels = common.fit_image(record[self.image_key], self.resolution, self.channels)
         label = 0 if self.label_key is None else record[self.label_key]
         return common.make_example(pixels, label)
