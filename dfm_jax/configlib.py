@@ -173,7 +173,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
             "objective.stage_probs",
             f"{tuple(config.objective.stage_probs)} must have one entry per scale ({num_scales})",
         )
-    build_pyramid(config)
+    # The decomposition itself (kind, ratios); its stds may come from the data later.
+    build_pyramid(config, stds=(1.0,) * num_scales)
     steps, thresholds = config.sampling.steps_per_stage, config.sampling.thresholds
     if len(steps) != num_scales or len(thresholds) != num_scales - 1:
         raise _error(
