@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from dfm_sit_reference import mae_2d_sincos
 
 from dfm_jax.models import layers
 
@@ -23,25 +24,8 @@ def test_timestep_embedding_matches_dit_formula():
     assert layers.timestep_embedding(t, 7).shape == (3, 7)
 
 
-def _mae_2d(embed_dim, grid_size):
-    """Literal MAE/DiT get_2d_sincos_pos_embed for a square grid."""
-
-    def one_d(dim, pos):
-        omega = np.arange(dim // 2, dtype=np.float64)
-        omega /= dim / 2.0
-        omega = 1.0 / 10000**omega
-        out = np.einsum("m,d->md", pos.reshape(-1), omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-    grid_h = np.arange(grid_size, dtype=np.float32)
-    grid_w = np.arange(grid_size, dtype=np.float32)
-    grid = np.meshgrid(grid_w, grid_h)
-    grid = np.stack(grid, axis=0).reshape([2, 1, grid_size, grid_size])
-    return np.concatenate([one_d(embed_dim // 2, grid[0]), one_d(embed_dim // 2, grid[1])], 1)
-
-
 def test_2d_sincos_matches_mae_layout():
-    np.testing.assert_allclose(layers.get_2d_sincos_pos_embed(32, 5, 5), _mae_2d(32, 5))
+    np.testing.assert_allclose(layers.get_2d_sincos_pos_embed(32, 5, 5), mae_2d_sincos(32, 5))
     # Non-square grid: first half depends on the column only, second on the row only.
     emb = layers.get_2d_sincos_pos_embed(16, 3, 4).reshape(3, 4, 16)
     np.testing.assert_allclose(emb[0, :, :8], emb[2, :, :8])

@@ -159,22 +159,12 @@ def params_from_state_dict(
     params = jax.tree_util.tree_map_with_path(leaf, abstract_params(config))
     unexpected = sorted(k for k in state if k not in used)
     if missing or unexpected or bad_shape:
-        parts = []
-        for what, keys in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("bad shape", bad_shape),
-        ):
-            if keys:
-                shown = ", ".join(keys[:8]) + (
-                    f", ... ({len(keys)} in all)" if len(keys) > 8 else ""
-                )
-                parts.append(f"{what}: {shown}")
         raise ValueError(
             f"{source} does not match the autoencoder {config.name!r} "
             f"(latent_channels={config.latent_channels}, "
             f"block_out_channels={config.block_out_channels}, "
-            f"use_quant_conv={config.use_quant_conv}): " + "; ".join(parts)
+            f"use_quant_conv={config.use_quant_conv}): "
+            + files.describe_mismatch(missing, unexpected, bad_shape)
         )
     return params
 

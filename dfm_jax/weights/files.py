@@ -93,3 +93,19 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
     return dict(load_file(path))
+
+
+def describe_mismatch(
+    missing: Sequence[str], unexpected: Sequence[str], bad_shape: Sequence[str], shown: int = 8
+) -> str:
+    """ "missing: a, b; unexpected: c; bad shape: ...", each list cut after ``shown`` names.
+
+    The body of an importer's error when a state dict does not fit the model; empty when
+    all three lists are.
+    """
+    parts = []
+    for what, keys in (("missing", missing), ("unexpected", unexpected), ("bad shape", bad_shape)):
+        if keys:
+            more = f", ... ({len(keys)} in all)" if len(keys) > shown else ""
+            parts.append(f"{what}: {', '.join(keys[:shown])}{more}")
+    return "; ".join(parts)

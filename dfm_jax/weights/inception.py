@@ -171,20 +171,9 @@ def convert_state_dict(
         and not k.startswith(_IGNORED_PREFIXES)
     )
     if missing or unexpected or bad_shape:
-        parts = []
-        for what, keys in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("bad shape", bad_shape),
-        ):
-            if keys:
-                shown = ", ".join(keys[:8]) + (
-                    f", ... ({len(keys)} in all)" if len(keys) > 8 else ""
-                )
-                parts.append(f"{what}: {shown}")
         raise ValueError(
             "state dict does not match the FID InceptionV3 (pytorch-fid "
-            f"{WEIGHTS_FILENAME}): " + "; ".join(parts)
+            f"{WEIGHTS_FILENAME}): " + files.describe_mismatch(missing, unexpected, bad_shape)
         )
     return variables
 
