@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 RUNTIME_STAMP := $(VENV)/.installed-runtime
 
-.PHONY: venv test lint format demo fashion-mnist bench clean
+.PHONY: venv test lint format demo fashion-mnist bench study clean
 
 venv: $(STAMP)
 
@@ -70,6 +70,11 @@ demo: $(RUNTIME_STAMP) fashion-mnist
 BENCH_CONFIG ?= configs/demo.py
 bench: $(RUNTIME_STAMP)
 	$(PY) -m dfm_jax.bench --config=$(BENCH_CONFIG)
+
+## study: the Fashion-MNIST DFM-vs-FM study (about 2.5 h on 2 CPU cores; resumable)
+STUDY_FLAGS ?=
+study: $(RUNTIME_STAMP) fashion-mnist
+	$(PY) experiments/fmnist_dfm_vs_fm.py $(STUDY_FLAGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
