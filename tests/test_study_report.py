@@ -44,7 +44,8 @@ def test_report_compute_ratio_and_missing_runs(tmp_path):
     with open(path) as f:
         text = f.read()
     flops = report.train_flops_per_example("fm") / report.train_flops_per_example("dfm")
-    assert f"| 1.0 | 40.0 | 20.0 | 1000 | {2 * flops:.2f} |" in text
+    assert f"| 1.0 | **2000** | 40.0 | 1000 | **{2 * flops:.2f}** |" in text
+    assert f"| 1.0 | 1000 | 55.0 | ≤ 800 | ≥ {1.25 * flops:.2f} |" in text  # DFM's first point
     assert "| 1.5 | — | — | — | (runs not finished) |" in text
     assert os.path.exists(os.path.join(out, report.PLOT))
 
