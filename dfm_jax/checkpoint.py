@@ -109,6 +109,25 @@ class Checkpointer:
         logging.info("Restored checkpoint of step %d from %s", step, self.directory)
         return restored["state"], step
 
+    def restore_fields(self, abstract_fields: dict[str, Any], step: int) -> dict[str, Any]:
+        """Restores only some top-level fields of the saved state, e.g. the EMA parameters.
+
+        ``abstract_fields`` maps field names of the saved ``TrainState`` (e.g.
+        ``{"ema_params": abstract_state.ema_params}``) to abstract pytrees with shardings;
+        nothing else is read, so evaluating a big model does not hold its optimizer state.
+        """
+        path = os.path.join(self.directory, str(step), "state")
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_fields)
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as reader:
+            restored = reader.restore(
+                path,
+                args=ocp.args.PyTreeRestore(
+                    item=abstract_fields, restore_args=restore_args, partial_restore=True
+                ),
+            )
+        logging.info("Restored %s of step %d from %s", sorted(abstract_fields), step, path)
+        return restored
+
     def restore_config(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step
         return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[

@@ -38,6 +38,7 @@ from dfm_jax.evaluation import (
     run_sweep,
 )
 from dfm_jax.evaluation import results as results_lib
+from dfm_jax.evaluation import runner as runner_lib
 from dfm_jax.evaluation.extraction import global_from_host
 from dfm_jax.evaluation.features import METRICS
 from dfm_jax.evaluation.scores import IDS_KEY, InceptionScoreStream, local_rows
@@ -300,6 +301,23 @@ def _reference_file(path, rng):
 def _read_csv(workdir):
     with open(os.path.join(workdir, "eval", "results.csv")) as f:
         return list(csv.DictReader(f))
+
+
+def test_restore_ema_params_reads_only_the_ema_fields(tiny):
+    config, workdir, _ = tiny
+    setup = train.build(config)
+    ema = runner_lib.restore_ema_params(setup, workdir, 2)
+    checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    full, _ = checkpointer.restore(setup.abstract_state, step=2)
+    checkpointer.close()
+    for got, want, abstract in zip(
+        jax.tree.leaves(ema),
+        jax.tree.leaves(full.ema_params),
+        jax.tree.leaves(setup.abstract_state.ema_params),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        assert got.sharding == abstract.sharding
 
 
 def test_sweep_end_to_end_then_resume(tiny, tmp_path, monkeypatch, capsys):

@@ -76,13 +76,16 @@ def resolve_step(workdir: str, step: int | None) -> int:
 
 
 def restore_ema_params(setup: train.Setup, workdir: str, step: int) -> Any:
-    """The EMA parameters of checkpoint ``step``, placed with the run's shardings."""
+    """The EMA parameters of checkpoint ``step``, placed with the run's shardings.
+
+    Only the EMA parameters are read (not the raw parameters or the optimizer state).
+    """
     checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
     try:
-        state, _ = checkpointer.restore(setup.abstract_state, step=step)
+        abstract = {"ema_params": setup.abstract_state.ema_params}
+        return checkpointer.restore_fields(abstract, step)["ema_params"]
     finally:
         checkpointer.close()
-    return state.ema_params
 
 
 def init_step(path: str, step: int | None) -> int:
