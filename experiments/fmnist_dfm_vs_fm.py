@@ -73,8 +73,9 @@ def _main_runs(seed: int) -> list[Run]:
 RUNS: tuple[Run, ...] = (
     *_main_runs(0),
     *_main_runs(1),
+    # Evaluated along training too: it beat both p_q = 0.9 and FM at the last checkpoint.
     Run("dfm_pq0.8_s0", "dfm", overrides=(("objective.stage_probs", "(0.8,0.2)"),),
-        label="DFM p_q = 0.8"),
+        curve=True, label="DFM p_q = 0.8"),
     Run("dfm_pq0.95_s0", "dfm", overrides=(("objective.stage_probs", "(0.95,0.05)"),),
         label="DFM p_q = 0.95"),
     Run("dfm_loc0_s0", "dfm", overrides=(("objective.earlier_location", "0.0"),),
@@ -123,10 +124,16 @@ def train(run: Run, workdir: str, total_steps: int) -> None:
     _call([sys.executable, "-m", "dfm_jax.main", *run.config_flags(), f"--workdir={workdir}"], log)
 
 
-def evaluate(run: Run, workdir: str, total_steps: int) -> None:
+def evaluate(run: Run, workdir: str, total_steps: int, every: int) -> None:
+    """FD-FMNIST of the run's checkpoints: every ``every`` steps (curve runs) or the last.
+
+    Checkpoints saved at other steps (on SIGTERM) are not evaluated.
+    """
     from experiments import fmnist_report
 
-    steps = _checkpoint_steps(workdir) if run.curve else [total_steps]
+    steps = [total_steps]
+    if run.curve:
+        steps = [s for s in _checkpoint_steps(workdir) if s % every == 0 or s == total_steps]
     jobs = [(step, GUIDANCE, 2) for step in steps]
     if run.tau_sweep:
         jobs.append((total_steps, f"{GUIDANCE};tau=0.7,0.9", 4))
@@ -160,7 +167,8 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown runs {unknown}; known: {[r.name for r in RUNS]}")
     runs = [r for r in RUNS if not names or r.name in names]
-    total_steps = int(study_fmnist.get_config("dfm").total_steps)
+    study_config = study_fmnist.get_config("dfm")
+    total_steps, every = int(study_config.total_steps), int(study_config.checkpoint_every)
     # One compilation cache for every subprocess: evaluation recompiles the same sampler.
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(args.root, "jax_cache"))
     if not args.report_only:
@@ -168,7 +176,7 @@ def main() -> None:
             workdir = os.path.join(args.root, run.name)
             _log(f"== {run.name} ({run.label})")
             train(run, workdir, total_steps)
-            evaluate(run, workdir, total_steps)
+            evaluate(run, workdir, total_steps, every)
             fmnist_report.write_report(RUNS, args.root, args.report_dir, total_steps)
     path = fmnist_report.write_report(RUNS, args.root, args.report_dir, total_steps)
     _log(f"report: {path}")

@@ -94,7 +94,8 @@ def _curve_table(curves: dict[str, dict[int, float]]) -> list[str]:
     return lines
 
 
-def _plot(panels: dict[str, dict[str, dict[int, float]]], path: str) -> None:
+def _plot(panels: dict[str, dict[str, dict[int, float]]], extras, path: str) -> None:
+    """One panel per cfg: the main runs (thin: seeds, thick: mean), ``extras`` dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -117,6 +118,9 @@ def _plot(panels: dict[str, dict[str, dict[int, float]]], path: str) -> None:
                 color=colours.get(method, "gray"),
                 label=name,
             )
+        for name, curve in extras.get(title, {}).items():
+            ax.plot(list(curve), list(curve.values()), "--", marker="s", color="tab:green",
+                    linewidth=1.6, label=name)  # fmt: skip
         ax.set_title(title)
         ax.set_xlabel("training steps (batch 64)")
         ax.set_ylabel(f"FD-FMNIST ({NUM_SAMPLES} samples, lower is better)")
@@ -157,7 +161,7 @@ def write_report(runs, root: str, out_dir: str, total_steps: int) -> str:
     """Writes the report files into ``out_dir``; returns the Markdown file's path."""
     os.makedirs(out_dir, exist_ok=True)
     rows = {run.name: _rows(root, run.name) for run in runs}
-    main = [run for run in runs if run.curve]
+    main = [run for run in runs if run.curve and not run.overrides]
     flops = {v: train_flops_per_example(v) for v in ("dfm", "fm")}
     lines = [
         "# Fashion-MNIST study: DFM vs Flow Matching (generated)",
@@ -188,6 +192,31 @@ def write_report(runs, root: str, out_dir: str, total_steps: int) -> str:
     with_results = [r.seed for r in main if r.variant == "dfm" and rows[r.name]]
     seeds_text = f"mean over seeds {with_results}" if with_results else "no results yet"
     lines += _compute_ratio_section(panels, flops, total_steps, seeds_text)
+    extras = {panel: {} for panel in panels}
+    for run in (r for r in runs if r.curve and r.overrides):
+        curves = {f"cfg {cfg}": fd_curve(rows[run.name], cfg) for cfg in CFGS}
+        if not any(curves.values()):
+            continue
+        lines += [f"## {run.label} (seed {run.seed}) along training", ""]
+        for cfg in CFGS:
+            table = {
+                run.label: curves[f"cfg {cfg}"],
+                "DFM seed 0": panels[f"cfg {cfg}"].get("DFM seed 0", {}),
+                "FM mean": panels[f"cfg {cfg}"]["FM mean"],
+            }
+            lines += [f"cfg {cfg}:", "", *_curve_table(table), ""]
+            extras[f"cfg {cfg}"][run.label] = curves[f"cfg {cfg}"]
+        versus_fm = {
+            panel: {"DFM mean": curves[panel], "FM mean": panels[panel]["FM mean"]}
+            for panel in panels
+        }
+        lines += _compute_ratio_section(
+            versus_fm,
+            flops,
+            total_steps,
+            f"{run.label}, seed {run.seed}, against the FM mean",
+            title=f"Compute at which {run.label} matches Flow Matching",
+        )
     lines += _final_table(
         "Ablations (seed 0, final step)",
         [r for r in runs if r.overrides or r.name == "dfm_s0"],
@@ -196,7 +225,7 @@ def write_report(runs, root: str, out_dir: str, total_steps: int) -> str:
     )
     lines += _tau_table([r for r in runs if r.tau_sweep], rows, total_steps)
     if any(curve for curves in panels.values() for curve in curves.values()):
-        _plot(panels, os.path.join(out_dir, PLOT))
+        _plot(panels, extras, os.path.join(out_dir, PLOT))
         lines += [f"![FD-FMNIST vs training steps]({PLOT})", ""]
     grid_runs = [("dfm_s0", f"DFM, step {total_steps}"), ("fm_s0", f"FM, step {total_steps}")]
     if _grids(root, grid_runs, total_steps, os.path.join(out_dir, GRIDS)):
@@ -212,14 +241,16 @@ def write_report(runs, root: str, out_dir: str, total_steps: int) -> str:
     return path
 
 
-def _compute_ratio_section(panels, flops, total_steps: int, seeds_text: str) -> list[str]:
+def _compute_ratio_section(
+    panels, flops, total_steps: int, seeds_text: str, title: str = ""
+) -> list[str]:
     """For every FM checkpoint: the DFM steps that reach its FD, and the compute ratio.
 
     The row of the last checkpoint is the paper's measure ("DFM matches FM's final score
     with N x less compute"); the earlier rows show how the ratio evolves in training.
     """
     lines = [
-        "## Compute at which DFM matches Flow Matching",
+        f"## {title or 'Compute at which DFM matches Flow Matching'}",
         "",
         "For each FM checkpoint, the training steps DFM needs to reach the same FD-FMNIST "
         "(interpolated linearly between DFM's checkpoints; DFM's first checkpoint, an upper "
