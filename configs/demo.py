@@ -4,11 +4,11 @@
 2 and 4 (an 8x8 token grid), a small DiT. ``make demo`` trains it in minutes.
 """
 
-from dfm_jax import configlib
+from dfm_jax import config as config_lib
 
 
 def get_config():
-    config = configlib.base_config()
+    config = config_lib.base_config()
     config.total_steps = 800
     config.batch_size = 64
     config.log_every = 100

@@ -12,11 +12,11 @@ Smoke test without data or accelerator:
         --config.batch_size=8 --config.total_steps=4 --config.model.dtype=float32
 """
 
-from dfm_jax import configlib
+from dfm_jax import config as config_lib
 
 
 def get_config():
-    config = configlib.base_config()
+    config = config_lib.base_config()
     config.total_steps = 500_000
     config.batch_size = 256
     config.log_every = 100

@@ -2,12 +2,12 @@
 
 One scale (S = 1, p_q = (1,)) at 64x64x16 latents with patch 2: the same 32x32
 token grid, backbone, batch, optimizer and steps as the DFM config; sampling
-uses the same 40 network evaluations (``configlib.flow_matching_twin``).
+uses the same 40 network evaluations (``config_lib.flow_matching_twin``).
 """
 
 from configs import imagenet512
-from dfm_jax import configlib
+from dfm_jax import config as config_lib
 
 
 def get_config():
-    return configlib.flow_matching_twin(imagenet512.get_config())
+    return config_lib.flow_matching_twin(imagenet512.get_config())

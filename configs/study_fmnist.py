@@ -5,14 +5,14 @@
 
 ``dfm``: two scales 16 -> 32 (Laplacian, x2) with patches 2 and 4, p_q = (0.9, 0.1),
 earlier-stage location 1.5, 40 sampling steps as 30 + 10 with tau = 0.9 (paper defaults,
-scaled down). ``fm``: its Flow Matching twin (``configlib.flow_matching_twin``): one scale,
+scaled down). ``fm``: its Flow Matching twin (``config_lib.flow_matching_twin``): one scale,
 patch 4, the same 8x8 token grid, backbone, batch, optimizer, steps and 40-step sampler.
 Ablations override fields (``--config.objective.stage_probs=(0.8,0.2)``, ...); the study
 script ``experiments/fmnist_dfm_vs_fm.py`` runs them all.
 """
 
 from configs import demo
-from dfm_jax import configlib
+from dfm_jax import config as config_lib
 
 VARIANTS = ("dfm", "fm")
 
@@ -28,4 +28,4 @@ def get_config(variant: str = "dfm"):
     config.keep_checkpoints = 100  # every checkpoint is evaluated
     config.sample_every = 2_000
     config.log_every = 200
-    return config if variant == "dfm" else configlib.flow_matching_twin(config)
+    return config if variant == "dfm" else config_lib.flow_matching_twin(config)

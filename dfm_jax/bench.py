@@ -4,7 +4,7 @@
     python -m dfm_jax.bench --config=configs/imagenet512.py --config.batch_size=32
 
 For the config's model and its single-scale Flow Matching twin
-(``configlib.flow_matching_twin``: same backbone, token grid, batch and
+(``config_lib.flow_matching_twin``: same backbone, token grid, batch and
 optimizer), measured in the same process on the same devices:
 
 * step time: median over ``--steps`` (at least 20) timed steps after warm-up,
@@ -34,8 +34,11 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dfm_jax import configlib, data, parallel, perf, train
+from dfm_jax import config as config_lib
+from dfm_jax import data, parallel
 from dfm_jax.models import dit
+from dfm_jax.training import perf
+from dfm_jax.training import setup as setup_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per model (>= 20 for reporting).")
@@ -83,8 +86,8 @@ class _Runner:
 
     name: str
     config: ml_collections.ConfigDict
-    setup: train.Setup
-    step_fn: train.MeshBound
+    setup: setup_lib.Setup
+    step_fn: setup_lib.MeshBound
     state: object
     batch: object
     key: jax.Array
@@ -105,14 +108,14 @@ def prepare(config, name: str, warmup: int) -> _Runner:
     config = ml_collections.ConfigDict(config.to_dict())
     config.data.source = "synthetic"
     config.data.num_examples = max(config.batch_size, 64)
-    setup = train.build(config)
+    setup = setup_lib.build(config)
     init_key, train_key = jax.random.split(jax.random.key(config.seed))
-    state = train.initial_state(setup, init_key)
+    state = setup_lib.initial_state(setup, init_key)
     iterator = data.make_train_iterator(
         setup.source, global_batch_size=config.batch_size, seed=config.seed
     )
-    batch = data.make_global_batch(next(iterator), setup.mesh, parallel.BATCH_AXES)
-    step_fn = train.compile_train_step(setup)
+    batch = parallel.make_global_batch(next(iterator), setup.mesh, parallel.BATCH_AXES)
+    step_fn = setup_lib.compile_train_step(setup)
     compiled_bytes = _compiled_bytes(step_fn.lower(state, batch, train_key).compile())
     runner = _Runner(name, config, setup, step_fn, state, batch, train_key, compiled_bytes)
     runner.run(1 + warmup)  # the first call compiles
@@ -185,7 +188,7 @@ def main(argv):
     dtype = jnp.dtype(config.model.dtype)
     matmul_flops = perf.measure_matmul_flops(size=2048, dtype=dtype)
     configs = {
-        "FM (1 scale)": configlib.flow_matching_twin(config),
+        "FM (1 scale)": config_lib.flow_matching_twin(config),
         f"DFM ({len(config.pyramid.ratios) + 1} scales)": config,
     }
     fm, dfm = benchmark(configs, _STEPS.value, _WARMUP.value, _ROUNDS.value, matmul_flops)

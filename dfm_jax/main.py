@@ -23,10 +23,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     parallel.maybe_initialize_distributed()
-    from dfm_jax import train  # imports JAX backends only after distributed start-up
+    from dfm_jax.training import loop
 
     logging.info("Config:\n%s", _CONFIG.value)
-    train.run(_CONFIG.value, _WORKDIR.value)
+    loop.run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

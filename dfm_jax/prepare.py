@@ -71,7 +71,7 @@ _BATCH_SIZE = flags.DEFINE_integer(
 _PYRAMIDS = flags.DEFINE_list(
     "pyramids",
     "laplacian_1,laplacian_2,laplacian_4,laplacian_2x2,haar_2",
-    "Pyramids (configlib.pyramid_name) whose per-scale stds go into the metadata.",
+    "Pyramids (config_lib.pyramid_name) whose per-scale stds go into the metadata.",
 )
 _STATS_EXAMPLES = flags.DEFINE_integer(
     "stats_examples", 10_000, "Random records the per-scale stds are measured on."
@@ -120,7 +120,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     parallel.maybe_initialize_distributed()
-    from dfm_jax import preparation  # imports JAX backends only after distributed start-up
+    from dfm_jax import preparation
 
     options = options_from_flags()
     logging.info("prepare options: %s", options)

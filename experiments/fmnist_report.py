@@ -22,9 +22,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from configs import study_fmnist
-from dfm_jax import configlib, perf
+from dfm_jax import config as config_lib
 from dfm_jax.evaluation import results
 from dfm_jax.models import dit
+from dfm_jax.training import perf
 
 NUM_SAMPLES = 500  # FD-FMNIST samples per point (biased upwards at this size; equal for all)
 CFGS = ("1.0", "1.5")
@@ -72,9 +73,9 @@ def steps_to_reach(curve: dict[int, float], target: float) -> float | None:
 def train_flops_per_example(variant: str) -> float:
     """Analytic training FLOPs per example (forward + backward) of a study variant."""
     config = study_fmnist.get_config(variant)
-    decomposition = configlib.build_pyramid(config)
+    decomposition = config_lib.build_pyramid(config)
     shape = (config.data.resolution, config.data.resolution, config.data.channels)
-    model = configlib.build_model_config(config, config.data.channels, config.data.num_classes)
+    model = config_lib.build_model_config(config, config.data.channels, config.data.num_classes)
     return perf.TRAIN_FLOPS_PER_FORWARD * dit.forward_flops(
         model, decomposition.scale_shapes(shape)
     )

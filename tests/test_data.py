@@ -17,7 +17,7 @@ from etils import epath
 from jax.sharding import PartitionSpec
 from PIL import Image
 
-from dfm_jax import data
+from dfm_jax import data, parallel
 from dfm_jax.data import fashion_mnist, record_format
 
 # ----------------------------------------------------------------------------- helpers
@@ -692,7 +692,7 @@ def test_global_batch_on_8_device_mesh():
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "model"))
     source = data.SyntheticSource(num_examples=16, resolution=4, channels=2)
     local = next(data.make_train_iterator(source, global_batch_size=8, seed=0))
-    batch = data.make_global_batch(local, mesh, ("data", "fsdp"))
+    batch = parallel.make_global_batch(local, mesh, ("data", "fsdp"))
     image, label = batch["image"], batch["label"]
     assert isinstance(image, jax.Array) and image.shape == (8, 4, 4, 2)
     assert image.sharding.spec == PartitionSpec(("data", "fsdp"))
@@ -711,9 +711,9 @@ def test_global_batch_on_8_device_mesh():
 def test_global_batch_errors():
     mesh = jax.make_mesh((4, 2), ("data", "model"))
     with pytest.raises(ValueError, match=r"\['fsdp'\] are not axes"):
-        data.make_global_batch({"x": np.zeros((8, 2))}, mesh, ("data", "fsdp"))
+        parallel.make_global_batch({"x": np.zeros((8, 2))}, mesh, ("data", "fsdp"))
     with pytest.raises(ValueError, match="not divisible by the 4 shards"):
-        data.make_global_batch({"x": np.zeros((6, 2))}, mesh, "data")
+        parallel.make_global_batch({"x": np.zeros((6, 2))}, mesh, "data")
 
 
 # ----------------------------------------------------------------------------- dispatcher

@@ -23,12 +23,14 @@ torch = pytest.importorskip("torch")
 import dfm_sit_reference as reference_lib  # noqa: E402
 import train_utils  # noqa: E402
 
-from dfm_jax import configlib, sampling, train  # noqa: E402
-from dfm_jax import generate as generate_lib  # noqa: E402
+from dfm_jax import config as config_lib  # noqa: E402
 from dfm_jax.evaluation import FeatureExtractor, class_balanced_labels, run_sweep, runner  # noqa: E402
 from dfm_jax.evaluation.extraction import to_uint8  # noqa: E402
+from dfm_jax.method import generation as generate_lib  # noqa: E402
+from dfm_jax.method import sampling  # noqa: E402
 from dfm_jax.models import dit  # noqa: E402
 from dfm_jax.models.dit import DiT, DiTConfig  # noqa: E402
+from dfm_jax.training import setup as setup_lib  # noqa: E402
 from dfm_jax.weights import dfm_sit, files  # noqa: E402
 
 WIDTH, HEADS, DEPTH, PATCHES, C, CLASSES = 64, 4, 2, (1, 2), 4, 10
@@ -353,8 +355,8 @@ def test_released_config_matches_the_official_xl_layout(monkeypatch):
     """configs/imagenet512_dfm_sit.py against DFM-SiT-XL/2 at 512 px (meta tensors: no memory)."""
     monkeypatch.syspath_prepend(str(train_utils.REPO))
     config = importlib.import_module("configs.imagenet512_dfm_sit").get_config()
-    configlib.validate(config)
-    cfg = configlib.build_model_config(config, config.data.channels, config.data.num_classes)
+    config_lib.validate(config)
+    cfg = config_lib.build_model_config(config, config.data.channels, config.data.num_classes)
     with torch.device("meta"):
         ref = reference_lib.DFMSiTReference(
             width=1152,
@@ -430,7 +432,7 @@ def test_eval_init_evaluates_the_imported_ema_weights(tmp_path, monkeypatch):
     assert len(rows) == 1 and rows[0]["step"] == "123" and np.isfinite(float(rows[0]["is"]))
     assert not os.path.exists(os.path.join(workdir, "checkpoints"))
 
-    setup = train.build(config)
+    setup = setup_lib.build(config)
     ema = dfm_sit.params_from_state_dict(ema_sd, setup.model_config)
     raw = dfm_sit.params_from_state_dict(model_sd, setup.model_config)
     (placed,) = used

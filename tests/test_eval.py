@@ -24,8 +24,7 @@ import numpy as np
 import pytest
 import train_utils
 
-from dfm_jax import checkpoint, data, metrics, parallel, train
-from dfm_jax import generate as generate_lib
+from dfm_jax import data, parallel
 from dfm_jax.evaluation import (
     FeatureExtractor,
     class_balanced_labels,
@@ -33,6 +32,7 @@ from dfm_jax.evaluation import (
     demo_report,
     dinov2_extractor,
     fd_fmnist_extractor,
+    metrics,
     parse_metrics,
     parse_sweep,
     run_sweep,
@@ -40,10 +40,13 @@ from dfm_jax.evaluation import (
 from dfm_jax.evaluation import results as results_lib
 from dfm_jax.evaluation import runner as runner_lib
 from dfm_jax.evaluation.extraction import global_from_host
+from dfm_jax.evaluation.fd_fmnist import FdFmnist, TrainingSettings
 from dfm_jax.evaluation.features import METRICS
 from dfm_jax.evaluation.scores import IDS_KEY, InceptionScoreStream, local_rows
-from dfm_jax.fd_fmnist import FdFmnist, TrainingSettings
+from dfm_jax.method import generation as generate_lib
 from dfm_jax.models.dinov2 import DINOv2, DINOv2Config
+from dfm_jax.training import checkpoint
+from dfm_jax.training import setup as setup_lib
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -171,7 +174,7 @@ def test_inception_score_stream_matches_batch_formula():
 
 def test_local_rows_takes_each_row_once_and_drops_padding():
     mesh = parallel.create_mesh({"data": 4, "model": 2})  # rows replicated over "model"
-    sharding = data.batch_sharding(mesh, parallel.BATCH_AXES)
+    sharding = parallel.batch_sharding(mesh, parallel.BATCH_AXES)
     ids = np.asarray([0, 1, 2, 3, 4, 5, -1, -1], np.int32)
     features = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)
     outputs = {
@@ -245,7 +248,7 @@ def random_checkpoint(config, workdir: str, steps=(1, 2)) -> None:
     rather than initial parameters, so that samples depend on the model and on the
     guidance scale (the DiT's output layers start at zero).
     """
-    setup = train.build(config)
+    setup = setup_lib.build(config)
     rng = np.random.default_rng(0)
 
     def leaf(abstract):
@@ -271,7 +274,7 @@ def tiny(tmp_path_factory):
 
 
 class GenerateCounter:
-    """Counts ``generate.make_generate_fn`` calls (one per evaluated sweep point)."""
+    """Counts ``generation.make_generate_fn`` calls (one per evaluated sweep point)."""
 
     def __init__(self, monkeypatch):
         self.calls = 0
@@ -305,7 +308,7 @@ def _read_csv(workdir):
 
 def test_restore_ema_params_reads_only_the_ema_fields(tiny):
     config, workdir, _ = tiny
-    setup = train.build(config)
+    setup = setup_lib.build(config)
     ema = runner_lib.restore_ema_params(setup, workdir, 2)
     checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
     full, _ = checkpointer.restore(setup.abstract_state, step=2)
@@ -481,7 +484,7 @@ def test_compute_reference_matches_direct_statistics(tiny, tmp_path):
     ]
     # The same 20 images, in the pipeline's seeded order, through the extractors directly.
     dataset = data.make_dataset(
-        train.build(config).source,
+        setup_lib.build(config).source,
         global_batch_size=8,
         seed=config.seed,
         num_epochs=1,
@@ -505,7 +508,7 @@ def test_fd_fmnist_metric_and_demo_report(tiny, capsys):
     config, workdir, _ = tiny
     settings = TrainingSettings(channels=(4,), feature_dim=6)
     params = settings.model().init(jax.random.key(1), jnp.zeros((1, 32, 32, 1)))
-    source = train.build(config).source
+    source = setup_lib.build(config).source
     reference_images = np.stack([source[i]["image"] for i in range(200, 400)])
     features = settings.model().apply(params, reference_images)[1]
     reference = metrics.RunningStatistics(6).update(features)

@@ -7,8 +7,8 @@ import pytest
 import scipy.special
 import scipy.stats
 
-from dfm_jax import flow
-from dfm_jax.pyramid import Laplacian
+from dfm_jax.method import objective
+from dfm_jax.method.pyramid import Laplacian
 
 KEY = jax.random.key(0)
 
@@ -20,9 +20,9 @@ def _scales(batch=4, seed=0):
 
 @pytest.mark.parametrize("probs", [(0.9, 0.1), (0.7, 0.2, 0.1)])
 def test_stage_frequencies_match_stage_probs(probs):
-    config = flow.ObjectiveConfig(stage_probs=probs)
+    config = objective.ObjectiveConfig(stage_probs=probs)
     n = 200_000
-    stage = np.asarray(flow.sample_stages(KEY, n, config))
+    stage = np.asarray(objective.sample_stages(KEY, n, config))
     assert stage.min() >= 1 and stage.max() <= len(probs)
     observed = np.bincount(stage, minlength=len(probs) + 1)[1:]
     _, p_value = scipy.stats.chisquare(observed, n * np.asarray(probs))
@@ -30,9 +30,9 @@ def test_stage_frequencies_match_stage_probs(probs):
 
 
 def test_per_batch_stage_is_shared_and_still_follows_probs():
-    config = flow.ObjectiveConfig(stage_probs=(0.8, 0.2), stage_sampling="per_batch")
+    config = objective.ObjectiveConfig(stage_probs=(0.8, 0.2), stage_sampling="per_batch")
     keys = jax.random.split(KEY, 4000)
-    stages = np.asarray(jax.vmap(lambda k: flow.sample_stages(k, 16, config))(keys))
+    stages = np.asarray(jax.vmap(lambda k: objective.sample_stages(k, 16, config))(keys))
     assert (stages == stages[:, :1]).all()
     frequency = (stages[:, 0] == 2).mean()
     assert abs(frequency - 0.2) < 4 * np.sqrt(0.2 * 0.8 / 4000)
@@ -40,10 +40,10 @@ def test_per_batch_stage_is_shared_and_still_follows_probs():
 
 @pytest.mark.parametrize("location", [1.5, 2.0, 0.0])
 def test_time_distributions(location):
-    config = flow.ObjectiveConfig(stage_probs=(0.0, 0.0, 1.0), earlier_location=location)
+    config = objective.ObjectiveConfig(stage_probs=(0.0, 0.0, 1.0), earlier_location=location)
     n = 100_000
     stage = jnp.full((n,), 3, jnp.int32)
-    t, mask = flow.sample_times(KEY, stage, config)
+    t, mask = objective.sample_times(KEY, stage, config)
     t = np.asarray(t)
     assert (np.asarray(mask) == 1).all()
     for s in (0, 1):  # earlier stages: LogitNormal(location, 1)
@@ -56,9 +56,9 @@ def test_time_distributions(location):
 
 
 def test_scales_beyond_the_stage_are_masked_with_zero_time():
-    config = flow.ObjectiveConfig(stage_probs=(0.5, 0.3, 0.2))
-    stage = flow.sample_stages(KEY, 5000, config)
-    t, mask = flow.sample_times(jax.random.key(1), stage, config)
+    config = objective.ObjectiveConfig(stage_probs=(0.5, 0.3, 0.2))
+    stage = objective.sample_stages(KEY, 5000, config)
+    t, mask = objective.sample_times(jax.random.key(1), stage, config)
     stage, t, mask = map(np.asarray, (stage, t, mask))
     scale_number = np.arange(1, 4)[None]
     beyond = scale_number > stage[:, None]
@@ -69,12 +69,12 @@ def test_scales_beyond_the_stage_are_masked_with_zero_time():
 
 def test_training_inputs_interpolate_and_recover_data():
     scales = _scales(batch=6)
-    config = flow.ObjectiveConfig(stage_probs=(0.2, 0.3, 0.5))
-    inputs = flow.make_training_inputs(KEY, scales, config)
+    config = objective.ObjectiveConfig(stage_probs=(0.2, 0.3, 0.5))
+    inputs = objective.make_training_inputs(KEY, scales, config)
     assert inputs.t.shape == inputs.mask.shape == (6, 3)
     for s, (data, noisy, target) in enumerate(zip(scales, inputs.noisy, inputs.targets)):
         assert noisy.shape == target.shape == data.shape
-        recovered = flow.predicted_data(noisy, target, inputs.t[:, s])
+        recovered = objective.predicted_data(noisy, target, inputs.t[:, s])
         np.testing.assert_allclose(recovered, data, atol=1e-5)
         noise = data - target
         expected = (
@@ -89,23 +89,23 @@ def test_training_inputs_interpolate_and_recover_data():
 
 def test_masked_prediction_does_not_change_the_loss():
     scales = _scales(batch=8, seed=1)
-    config = flow.ObjectiveConfig(stage_probs=(0.5, 0.25, 0.25))
-    inputs = flow.make_training_inputs(KEY, scales, config)
+    config = objective.ObjectiveConfig(stage_probs=(0.5, 0.25, 0.25))
+    inputs = objective.make_training_inputs(KEY, scales, config)
     assert (inputs.mask == 0).any()
     predictions = [jnp.zeros_like(x) for x in inputs.targets]
-    base = flow.loss_fn(predictions, inputs.targets, inputs.mask)
+    base = objective.loss_fn(predictions, inputs.targets, inputs.mask)
     masked = np.asarray(inputs.mask == 0)
     changed = []
     for s, prediction in enumerate(predictions):
         junk = jnp.where(masked[:, s].reshape(-1, *([1] * (prediction.ndim - 1))), 1e6, prediction)
         changed.append(junk)
-    perturbed = flow.loss_fn(changed, inputs.targets, inputs.mask)
+    perturbed = objective.loss_fn(changed, inputs.targets, inputs.mask)
     assert float(perturbed.loss) == float(base.loss)
     np.testing.assert_array_equal(perturbed.per_scale, base.per_scale)
     # Non-finite values in masked predictions are ignored too, gradient included.
     nans = [jnp.where(c == 1e6, jnp.nan, c) for c in changed]
-    assert float(flow.loss_fn(nans, inputs.targets, inputs.mask).loss) == float(base.loss)
-    grads = jax.grad(lambda p: flow.loss_fn(p, inputs.targets, inputs.mask).loss)(predictions)
+    assert float(objective.loss_fn(nans, inputs.targets, inputs.mask).loss) == float(base.loss)
+    grads = jax.grad(lambda p: objective.loss_fn(p, inputs.targets, inputs.mask).loss)(predictions)
     for s, g in enumerate(grads):
         assert (np.asarray(g)[masked[:, s]] == 0).all()
 
@@ -118,7 +118,7 @@ def test_loss_is_the_sum_of_active_per_scale_mses():
     ]
     predictions = [jnp.zeros_like(x) for x in targets]
     mask = jnp.asarray([[1.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
-    out = flow.loss_fn(predictions, targets, mask)
+    out = objective.loss_fn(predictions, targets, mask)
     mse = [np.square(np.asarray(x)).reshape(3, -1).mean(axis=1) for x in targets]
     expected = np.mean([mse[0][0] + mse[1][0], mse[0][1], mse[0][2]])
     np.testing.assert_allclose(out.loss, expected, rtol=1e-6)
@@ -128,31 +128,33 @@ def test_loss_is_the_sum_of_active_per_scale_mses():
 
 def test_flow_matching_is_one_scale():
     x = jnp.asarray(np.random.default_rng(3).standard_normal((4, 8, 8, 1), dtype=np.float32))
-    config = flow.ObjectiveConfig(stage_probs=(1.0,))
-    inputs = flow.make_training_inputs(KEY, [x], config)
+    config = objective.ObjectiveConfig(stage_probs=(1.0,))
+    inputs = objective.make_training_inputs(KEY, [x], config)
     assert (inputs.mask == 1).all() and (inputs.stage == 1).all()
     assert ((inputs.t > 0) & (inputs.t < 1)).all()
 
 
 def test_drop_labels():
     labels = jnp.arange(100_000) % 10
-    dropped = np.asarray(flow.drop_labels(KEY, labels, 0.1, null_label=10))
+    dropped = np.asarray(objective.drop_labels(KEY, labels, 0.1, null_label=10))
     is_null = dropped == 10
     assert abs(is_null.mean() - 0.1) < 0.005
     np.testing.assert_array_equal(dropped[~is_null], np.asarray(labels)[~is_null])
-    assert flow.drop_labels(KEY, labels, 0.0, null_label=10) is labels
+    assert objective.drop_labels(KEY, labels, 0.0, null_label=10) is labels
 
 
 def test_config_errors():
     with pytest.raises(ValueError, match="sum to 1"):
-        flow.ObjectiveConfig(stage_probs=(0.9, 0.2))
+        objective.ObjectiveConfig(stage_probs=(0.9, 0.2))
     with pytest.raises(ValueError, match="non-negative"):
-        flow.ObjectiveConfig(stage_probs=(1.1, -0.1))
+        objective.ObjectiveConfig(stage_probs=(1.1, -0.1))
     with pytest.raises(ValueError, match="2 entries but the pyramid has 3"):
-        flow.make_training_inputs(KEY, _scales(), flow.ObjectiveConfig(stage_probs=(0.9, 0.1)))
+        objective.make_training_inputs(
+            KEY, _scales(), objective.ObjectiveConfig(stage_probs=(0.9, 0.1))
+        )
     with pytest.raises(ValueError, match="stage_sampling"):
-        flow.ObjectiveConfig(stage_sampling="per_device")
+        objective.ObjectiveConfig(stage_sampling="per_device")
     with pytest.raises(ValueError, match="label_dropout"):
-        flow.ObjectiveConfig(label_dropout=1.0)
+        objective.ObjectiveConfig(label_dropout=1.0)
     with pytest.raises(ValueError, match="earlier_scale"):
-        flow.ObjectiveConfig(earlier_scale=0.0)
+        objective.ObjectiveConfig(earlier_scale=0.0)

@@ -15,9 +15,11 @@ import train_utils
 from PIL import Image
 from test_eval import fake_inception
 
-from dfm_jax import autoencoding, data, evaluation, train
+from dfm_jax import data, evaluation
 from dfm_jax.preparation import PrepareOptions
 from dfm_jax.preparation import run as prepare
+from dfm_jax.training import decoding, loop
+from dfm_jax.training import setup as setup_lib
 
 LATENT_CONFIG = {
     "data.source": "array_record",
@@ -76,7 +78,7 @@ def test_prepared_dataset_feeds_the_trainer(latents):
 def test_train_two_steps_then_sample_and_decode(latents, tmp_path):
     config = train_utils.tiny_config({**LATENT_CONFIG, "data.dir": latents})
     workdir = str(tmp_path / "run")
-    state = train.run(config, workdir)
+    state = loop.run(config, workdir)
     assert int(state.step) == 2
     # Sample grids are decoded to RGB pixels: 2 classes x 2 samples of 16x16 images.
     with Image.open(os.path.join(workdir, "samples", "step_00000002_grid.png")) as grid:
@@ -105,15 +107,15 @@ def test_autoencoder_must_match_the_dataset(latents):
         {**LATENT_CONFIG, "data.dir": latents, "autoencoder.name": "sd-vae-ft-ema"}
     )
     with pytest.raises(ValueError, match="was encoded with 'tiny'"):
-        train.build(config)
+        setup_lib.build(config)
 
 
 def test_missing_autoencoder_weights_stop_evaluation_but_not_training(latents):
     config = train_utils.tiny_config({**LATENT_CONFIG, "data.dir": latents})
     config.autoencoder.name = "flux-ae"  # metadata says tiny: checked before any weights
     with pytest.raises(ValueError, match="was encoded with 'tiny'"):
-        train.build(config)
+        setup_lib.build(config)
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-    assert autoencoding.load_codec(config, mesh, required=False) is None
+    assert decoding.load_codec(config, mesh, required=False) is None
     with pytest.raises(ValueError, match=r"autoencoder\.weights is empty"):
-        autoencoding.load_codec(config, mesh, required=True)
+        decoding.load_codec(config, mesh, required=True)

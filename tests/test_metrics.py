@@ -1,4 +1,4 @@
-"""Tests for dfm_jax.metrics against closed forms and independent references."""
+"""Tests for dfm_jax.evaluation.metrics against closed forms and independent references."""
 
 import os
 import socket
@@ -15,7 +15,7 @@ import scipy.linalg
 import scipy.spatial.distance
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dfm_jax import metrics
+from dfm_jax.evaluation import metrics
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -288,7 +288,7 @@ _WORKER = textwrap.dedent(
     import jax
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
-    from dfm_jax import metrics
+    from dfm_jax.evaluation import metrics
     from tests.test_metrics import _features
 
     pid, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]

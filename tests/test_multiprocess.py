@@ -19,7 +19,9 @@ import portpicker
 import pytest
 import train_utils
 
-from dfm_jax import checkpoint, data, parallel, train
+from dfm_jax import data, parallel
+from dfm_jax.training import checkpoint
+from dfm_jax.training import setup as setup_lib
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -79,10 +81,10 @@ def _run_two_processes(workdir, logs_dir, timeout=300):
 
 def _reference_run(config):
     """One process, 8 devices, the two processes' local batches concatenated per step."""
-    setup = train.build(config)
+    setup = setup_lib.build(config)
     init_key, train_key = jax.random.split(jax.random.key(config.seed))
-    state = train.initial_state(setup, init_key)
-    run_step = train.compile_train_step(setup)
+    state = setup_lib.initial_state(setup, init_key)
+    run_step = setup_lib.compile_train_step(setup)
     iterators = [
         data.make_train_iterator(
             setup.source,
@@ -97,7 +99,7 @@ def _reference_run(config):
         halves = [next(it) for it in iterators]
         batch = {k: np.concatenate([h[k] for h in halves]) for k in halves[0]}
         state, _ = run_step(
-            state, data.make_global_batch(batch, setup.mesh, parallel.BATCH_AXES), train_key
+            state, parallel.make_global_batch(batch, setup.mesh, parallel.BATCH_AXES), train_key
         )
     return setup, train_utils.to_host(state)
 
@@ -127,5 +129,5 @@ def test_two_processes_match_one_process(tmp_path):
     train_utils.assert_trees_close(restored.ema_params, reference.ema_params, rtol=1e-5, atol=1e-6)
     train_utils.assert_trees_close(restored.opt_state, reference.opt_state, rtol=1e-4, atol=1e-9)
     init_key = jax.random.split(jax.random.key(config.seed))[0]
-    initial = train_utils.to_host(train.initial_state(setup, init_key))
+    initial = train_utils.to_host(setup_lib.initial_state(setup, init_key))
     assert train_utils.trees_differ(restored.params, initial.params)

@@ -20,7 +20,7 @@ import tensorflow_datasets as tfds
 import train_utils
 from PIL import Image
 
-from dfm_jax import configlib
+from dfm_jax import config as config_lib
 from dfm_jax.data import common, latents, record_format
 from dfm_jax.models import autoencoder
 from dfm_jax.preparation import run as prepare_run
@@ -180,11 +180,11 @@ def test_pyramid_names_match_configlib():
     for name in (*PYRAMIDS, "haar_2x2", "haar_1"):
         p = stats.pyramid_from_name(name)
         kind, _, ratios = name.partition("_")
-        config = configlib.base_config()
+        config = config_lib.base_config()
         config.pyramid.kind = kind
         config.pyramid.ratios = () if ratios == "1" else tuple(int(r) for r in ratios.split("x"))
-        assert configlib.pyramid_name(config) == name
-        assert p == configlib.build_pyramid(config)
+        assert config_lib.pyramid_name(config) == name
+        assert p == config_lib.build_pyramid(config)
     for bad in ("laplacian", "dct_2", "laplacian_2x", "haar_4", "laplacian_02"):
         with pytest.raises(ValueError):
             stats.pyramid_from_name(bad)

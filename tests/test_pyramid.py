@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dfm_jax.pyramid import HaarDWT, Laplacian, Standardized, resize_bilinear
+from dfm_jax.method.pyramid import HaarDWT, Laplacian, Standardized, resize_bilinear
 
 PYRAMIDS = {
     "laplacian_x2": Laplacian((2,)),

@@ -1,4 +1,4 @@
-"""Tests for dfm_jax.sampling: schedule, solvers, guidance, previews, exactness.
+"""Tests for dfm_jax.method.sampling: schedule, solvers, guidance, previews, exactness.
 
 The exactness tests use data with a known Gaussian distribution, for which the
 true velocity field E[Z - eps | Y] is analytic (``GaussianScales``): sampling
@@ -16,10 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dfm_jax import pyramid as pyramid_lib
-from dfm_jax import sampling
+from dfm_jax.method import pyramid as pyramid_lib
+from dfm_jax.method import sampling
 
-# --------------------------------------------------------------------------- #
 # Schedule
 # --------------------------------------------------------------------------- #
 

@@ -1,7 +1,7 @@
 """Tests of the train step and its setup: sharding, warm-up, EMA, non-finite steps, config errors.
 
-The step-level tests drive ``train.build`` / ``train.compile_train_step`` directly on
-hand-made meshes; whole runs (``train.run``: resume, SIGTERM, non-finite stop) are in
+The step-level tests drive ``setup_lib.build`` / ``setup_lib.compile_train_step`` directly on
+hand-made meshes; whole runs (``loop.run``: resume, SIGTERM, non-finite stop) are in
 test_train_resume.py, subprocess runs (CLI, kill -9) in test_train_cli.py and the
 two-process run in test_multiprocess.py.
 """
@@ -14,8 +14,12 @@ import optax
 import pytest
 import train_utils
 
-from dfm_jax import configlib, data, parallel, train, train_step
-from dfm_jax.train_step import learning_rate_schedule
+from dfm_jax import config as config_lib
+from dfm_jax import data, parallel
+from dfm_jax.training import samples as samples_lib
+from dfm_jax.training import setup as setup_lib
+from dfm_jax.training import train_step
+from dfm_jax.training.train_step import learning_rate_schedule
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -32,21 +36,21 @@ def config():
 @pytest.fixture(scope="module")
 def setup8(config):
     """The default layout: mesh {"data": 8} (parameters replicated)."""
-    setup = train.build(config)
+    setup = setup_lib.build(config)
     assert dict(setup.mesh.shape) == {"data": 8, "fsdp": 1, "model": 1}
     return setup
 
 
 @pytest.fixture(scope="module")
 def step8(setup8):
-    return train.compile_train_step(setup8)
+    return setup_lib.compile_train_step(setup8)
 
 
 @pytest.fixture(scope="module")
 def host_init(setup8, config):
     """The initial state of the run's seed, as numpy (so every test starts from a copy)."""
     init_key, _ = jax.random.split(jax.random.key(config.seed))
-    return train_utils.to_host(train.initial_state(setup8, init_key))
+    return train_utils.to_host(setup_lib.initial_state(setup8, init_key))
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +76,7 @@ def _run_steps(setup, run_step, host_state, local_batches, key):
     states, metrics = [], []
     for batch in local_batches:
         state, m = run_step(
-            state, data.make_global_batch(batch, setup.mesh, parallel.BATCH_AXES), key
+            state, parallel.make_global_batch(batch, setup.mesh, parallel.BATCH_AXES), key
         )
         states.append(train_utils.to_host(state))
         metrics.append(jax.device_get(m))
@@ -100,20 +104,20 @@ def test_one_device_data_parallel_and_fsdp_steps_agree(config, setup8, step8, ho
     steps = batches[:3]
     mesh1 = parallel.create_mesh({"data": 1}, jax.devices()[:1])
     mesh_fsdp = parallel.create_mesh({"data": 2, "fsdp": 4})
-    setup1 = train.build(config, mesh=mesh1)
-    setup_fsdp = train.build(config, mesh=mesh_fsdp)
+    setup1 = setup_lib.build(config, mesh=mesh1)
+    setup_fsdp = setup_lib.build(config, mesh=mesh_fsdp)
 
     ref_states, ref_metrics = _run_steps(
-        setup1, train.compile_train_step(setup1), host_init, steps, key
+        setup1, setup_lib.compile_train_step(setup1), host_init, steps, key
     )
     dp_states, dp_metrics = _run_steps(setup8, step8, host_init, steps, key)
 
     # FSDP: the big kernels (and their Adam moments) are split 4 ways along "embed".
     state = jax.device_put(jax.tree.map(np.copy, host_init), setup_fsdp.state_shardings)
-    run_fsdp = train.compile_train_step(setup_fsdp)
+    run_fsdp = setup_lib.compile_train_step(setup_fsdp)
     fsdp_states, fsdp_metrics = [], []
     for batch in steps:
-        global_batch = data.make_global_batch(batch, mesh_fsdp, parallel.BATCH_AXES)
+        global_batch = parallel.make_global_batch(batch, mesh_fsdp, parallel.BATCH_AXES)
         assert {s.data.shape[0] for s in global_batch["image"].addressable_shards} == {1}
         state, m = run_fsdp(state, global_batch, key)
         fsdp_states.append(train_utils.to_host(state))
@@ -161,7 +165,7 @@ def test_one_device_data_parallel_and_fsdp_steps_agree(config, setup8, step8, ho
 def test_build_checks_batch_against_the_given_mesh(config):
     mesh3 = parallel.create_mesh({"data": 3}, jax.devices()[:3])
     with pytest.raises(ValueError, match=r"batch_size: 8 is not divisible by the 3 data-parallel"):
-        train.build(config, mesh=mesh3)
+        setup_lib.build(config, mesh=mesh3)
 
 
 # ----------------------------------------------------------------------------- step semantics
@@ -299,13 +303,13 @@ def test_nonfinite_batch_skips_the_update(trajectory):
 def test_config_errors(overrides, message):
     config = train_utils.tiny_config(overrides)
     with pytest.raises(ValueError, match=message):
-        configlib.validate(config, num_devices=8)
+        config_lib.validate(config, num_devices=8)
 
 
 def test_valid_config_passes():
-    configlib.validate(train_utils.tiny_config(), num_devices=8)
-    configlib.validate(train_utils.demo_config(), num_devices=8)
-    configlib.validate(train_utils.tiny_config({"batch_size": 24}), num_devices=8)
+    config_lib.validate(train_utils.tiny_config(), num_devices=8)
+    config_lib.validate(train_utils.demo_config(), num_devices=8)
+    config_lib.validate(train_utils.tiny_config({"batch_size": 24}), num_devices=8)
 
 
 @pytest.mark.parametrize(
@@ -353,7 +357,7 @@ def test_valid_config_passes():
 )
 def test_data_config_errors_at_build(overrides, error, message):
     with pytest.raises(error, match=message):
-        train.build(train_utils.tiny_config(overrides))
+        setup_lib.build(train_utils.tiny_config(overrides))
 
 
 # ----------------------------------------------------------------------------- sample grids
@@ -371,9 +375,9 @@ class _ImageWriterStub:
 def test_no_sample_grids_for_latents(tmp_path, channels):
     """16-channel (FLUX AE) or 4-channel (SD-VAE) latents cannot be drawn as PNGs (16 channels
     used to crash the run at its first sample step): the writer skips them."""
-    setup = train.build(train_utils.tiny_config({"data.channels": channels}))
+    setup = setup_lib.build(train_utils.tiny_config({"data.channels": channels}))
     assert setup.example_shape == (8, 8, channels)
     writer = _ImageWriterStub()
-    samples = train.SampleWriter(setup, str(tmp_path), writer)
+    samples = samples_lib.SampleWriter(setup, str(tmp_path), writer)
     samples(1, None)  # returns before sampling: no parameters needed, nothing compiled
     assert writer.images == [] and not (tmp_path / "samples").exists()

@@ -13,7 +13,8 @@ import pytest
 import train_utils
 from PIL import Image
 
-from dfm_jax import checkpoint, train
+from dfm_jax.training import checkpoint, loop
+from dfm_jax.training import setup as setup_lib
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -52,7 +53,7 @@ def test_demo_config_end_to_end(tmp_path):
     try:
         saved = manager.restore_config()
         assert saved["model"]["width"] == 32 and saved["data"]["source"] == "synthetic"
-        state, step = manager.restore(train.build(config).abstract_state)
+        state, step = manager.restore(setup_lib.build(config).abstract_state)
     finally:
         manager.close()
     assert step == 2 and int(state.step) == 2
@@ -107,11 +108,11 @@ def test_kill9_resumes_from_the_last_complete_checkpoint(tmp_path):
     config = train_utils.tiny_config({**run_overrides, "checkpoint_every": 1000})
     manager = checkpoint.Checkpointer(checkpoints, async_save=False)
     try:
-        resumed, step = manager.restore(train.build(config).abstract_state)
+        resumed, step = manager.restore(setup_lib.build(config).abstract_state)
     finally:
         manager.close()
     assert step == total
-    straight = train.run(config, str(tmp_path / "straight"))
+    straight = loop.run(config, str(tmp_path / "straight"))
     train_utils.assert_trees_equal(
         train_utils.to_host(resumed), train_utils.to_host(straight), "resumed vs straight"
     )

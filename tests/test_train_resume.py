@@ -1,7 +1,7 @@
-"""Whole runs in this process (``train.run``): SIGTERM + exact resume, non-finite stop.
+"""Whole runs in this process (``loop.run``): SIGTERM + exact resume, non-finite stop.
 
 Batches are observed (and poisoned, or used to deliver SIGTERM) by wrapping
-``dfm_jax.data.make_global_batch``, which the loop calls once per step with the
+``dfm_jax.parallel.make_global_batch``, which the loop calls once per step with the
 iterator's next local batch.
 """
 
@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 import train_utils
 
-from dfm_jax import checkpoint, data, train
+from dfm_jax import parallel
+from dfm_jax.training import checkpoint, loop
+from dfm_jax.training import setup as setup_lib
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -24,11 +26,11 @@ def _compile_cache():
         yield
 
 
-_MAKE_GLOBAL_BATCH = data.make_global_batch
+_MAKE_GLOBAL_BATCH = parallel.make_global_batch
 
 
 class BatchTap:
-    """Wraps ``data.make_global_batch``: records every local batch, optionally acts on it.
+    """Wraps ``parallel.make_global_batch``: records every local batch, optionally acts on it.
 
     ``on_batch(index, batch)`` (0-based call index) may return a replacement batch. A new
     tap replaces the previous one.
@@ -37,7 +39,7 @@ class BatchTap:
     def __init__(self, monkeypatch, on_batch=None):
         self.batches: list[dict] = []
         self._on_batch = on_batch
-        monkeypatch.setattr(data, "make_global_batch", self)
+        monkeypatch.setattr(parallel, "make_global_batch", self)
 
     def __call__(self, batch, mesh, axes):
         batch = {name: np.array(value, copy=True) for name, value in batch.items()}
@@ -48,7 +50,7 @@ class BatchTap:
 
 
 def _restore(workdir, config, step=None):
-    setup = train.build(config)
+    setup = setup_lib.build(config)
     manager = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
     try:
         state, _ = manager.restore(setup.abstract_state, step=step)
@@ -65,7 +67,7 @@ def test_sigterm_then_resume_is_bitwise_identical(tmp_path, monkeypatch):
     )
 
     straight_tap = BatchTap(monkeypatch)
-    straight = train_utils.to_host(train.run(config, str(tmp_path / "straight")))
+    straight = train_utils.to_host(loop.run(config, str(tmp_path / "straight")))
     assert int(straight.step) == 2 * n
     assert len(straight_tap.batches) == 2 * n
 
@@ -75,13 +77,13 @@ def test_sigterm_then_resume_is_bitwise_identical(tmp_path, monkeypatch):
         if index == n - 1:  # the batch of step n: SIGTERM arrives while the step runs
             handler = signal.getsignal(signal.SIGTERM)
             assert callable(handler) and handler is not handler_before, (
-                "train.run installed no SIGTERM handler; the signal would kill pytest"
+                "loop.run installed no SIGTERM handler; the signal would kill pytest"
             )
             os.kill(os.getpid(), signal.SIGTERM)
 
     workdir = str(tmp_path / "preempted")
     first_tap = BatchTap(monkeypatch, preempt_at_step_n)
-    stopped = train_utils.to_host(train.run(config, workdir))
+    stopped = train_utils.to_host(loop.run(config, workdir))
     assert int(stopped.step) == n
     assert len(first_tap.batches) == n, "the run did not stop right after the SIGTERM step"
     assert train_utils.checkpoint_steps(os.path.join(workdir, "checkpoints")) == [n]
@@ -89,7 +91,7 @@ def test_sigterm_then_resume_is_bitwise_identical(tmp_path, monkeypatch):
     train_utils.assert_trees_equal(_restore(workdir, config), stopped, "checkpoint at SIGTERM")
 
     second_tap = BatchTap(monkeypatch)
-    resumed = train_utils.to_host(train.run(config, workdir))
+    resumed = train_utils.to_host(loop.run(config, workdir))
     assert len(second_tap.batches) == n, "the resumed run did not continue from step N"
     assert train_utils.checkpoint_steps(os.path.join(workdir, "checkpoints")) == [n, 2 * n]
 
@@ -111,7 +113,7 @@ def test_sigterm_then_resume_is_bitwise_identical(tmp_path, monkeypatch):
     # config.resume: a fresh workdir starts from another run's newest checkpoint, with its
     # optimizer state and step (total_steps = 2N: nothing left to train).
     config.resume = str(tmp_path / "straight" / "checkpoints")
-    started = train_utils.to_host(train.run(config, str(tmp_path / "from_resume")))
+    started = train_utils.to_host(loop.run(config, str(tmp_path / "from_resume")))
     train_utils.assert_trees_equal(started, straight, "state started from config.resume")
 
 
@@ -135,8 +137,8 @@ def test_nonfinite_losses_stop_the_run_with_the_last_good_checkpoint(tmp_path, m
 
     workdir = str(tmp_path / "run")
     tap = BatchTap(monkeypatch, poison)
-    with pytest.raises(train.NonFiniteLossError) as error:
-        train.run(config, workdir)
+    with pytest.raises(loop.NonFiniteLossError) as error:
+        loop.run(config, workdir)
     message = str(error.value)
     assert f"{limit} consecutive steps" in message
     assert "max_consecutive_nonfinite" in message and "last checkpoint" in message

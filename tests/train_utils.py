@@ -6,7 +6,7 @@
 * ``persistent_compile_cache``: one XLA compilation cache directory per pytest
   session, shared with the subprocesses (``subprocess_env``). Compiling the train
   step of even the tiny model takes 10-20 s on a CPU; with the cache every later
-  build of the same program (another ``train.run``, a resumed run, a subprocess)
+  build of the same program (another ``loop.run``, a resumed run, a subprocess)
   loads it instead.
 * Tree helpers: host copies and bitwise / tolerance comparisons that name the
   first differing leaf.

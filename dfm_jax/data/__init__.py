@@ -6,18 +6,17 @@ source (same key, so the trainer does not care which).
 
     source = make_source(config.data)                  # num_classes, example_shape, len()
     iterator = make_train_iterator(source, global_batch_size=..., seed=config.seed)
-    batch = make_global_batch(next(iterator), mesh, ("data", "fsdp"))
+    batch = parallel.make_global_batch(next(iterator), mesh, ("data", "fsdp"))
 
 Modules: `common` (base class, errors, image helpers), `idx` (IDX files), `fashion_mnist`,
 `synthetic`, `image_folder`, `tfds_source`, `record_format` + `latents` (ArrayRecord latent
-datasets: writer, metadata, reader), `pipeline` (Grain dataset pipeline), `global_arrays`
-(jax.Array batches on a mesh), `factory` (`make_source` from a config).
+datasets: writer, metadata, reader), `pipeline` (Grain dataset pipeline), `factory`
+(`make_source` from a config).
 """
 
 from dfm_jax.data.common import IMAGE_KEY, LABEL_KEY, DataNotFoundError, Source
 from dfm_jax.data.factory import SOURCES, DataSpec, data_spec, make_source
 from dfm_jax.data.fashion_mnist import FashionMnistSource
-from dfm_jax.data.global_arrays import batch_sharding, make_global_batch
 from dfm_jax.data.idx import IdxFormatError, read_idx, write_idx
 from dfm_jax.data.image_folder import ImageFolderSource
 from dfm_jax.data.latents import (
@@ -51,11 +50,9 @@ __all__ = [
     "Source",
     "SyntheticSource",
     "TfdsSource",
-    "batch_sharding",
     "data_spec",
     "local_batch_size",
     "make_dataset",
-    "make_global_batch",
     "make_source",
     "make_train_iterator",
     "read_idx",

@@ -1,7 +1,7 @@
 """The demo's sample-quality report: FD-FMNIST of the model next to real data and noise.
 
 ``make demo`` trains on Fashion-MNIST without internet, so there are no Inception
-or DINOv2 weights; the demo measures FD-FMNIST instead (``dfm_jax.fd_fmnist``: the
+or DINOv2 weights; the demo measures FD-FMNIST instead (``dfm_jax.evaluation.fd_fmnist``: the
 Frechet distance on features of a classifier trained on Fashion-MNIST, against the
 statistics of the 10000 test images). A lone number means little, so the report
 puts it between two anchors computed the same way, with the same number of images:
@@ -20,8 +20,9 @@ from __future__ import annotations
 import ml_collections
 import numpy as np
 
-from dfm_jax import data, viz
+from dfm_jax import data
 from dfm_jax.evaluation.runner import load_fd_fmnist, run_sweep
+from dfm_jax.utils import viz
 
 
 def _quantized(images: np.ndarray) -> np.ndarray:
@@ -62,7 +63,7 @@ def demo_report(
       step: the checkpoint step (default: the newest).
       batch_size: generation batch (see ``SweepSettings``).
       seed: default ``config.seed``.
-      fd: a ``dfm_jax.fd_fmnist.FdFmnist`` (default: the cached one in ``cache_dir``,
+      fd: a ``dfm_jax.evaluation.fd_fmnist.FdFmnist`` (default: the cached one in ``cache_dir``,
         trained on first use, a few minutes on a CPU).
       print_report: print the comparison.
 

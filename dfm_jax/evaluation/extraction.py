@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from dfm_jax import data, parallel
+from dfm_jax import parallel
 from dfm_jax.evaluation.features import FeatureExtractor
 from dfm_jax.evaluation.scores import IDS_KEY, local_rows
 
@@ -59,7 +59,7 @@ class FeatureFunction:
         self.mesh = mesh
         self.extractors = {name: extractors[name] for name in needed}
         self.needed = {name: sorted(outputs) for name, outputs in needed.items()}
-        self.sharding = data.batch_sharding(mesh, parallel.BATCH_AXES)
+        self.sharding = parallel.batch_sharding(mesh, parallel.BATCH_AXES)
         replicated = parallel.replicated(mesh)
         self.params = {
             name: jax.device_put(extractor.params, replicated)

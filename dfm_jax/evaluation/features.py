@@ -151,8 +151,8 @@ def _fd_fmnist_apply(model, params, images):
 
 
 def fd_fmnist_extractor(fd) -> FeatureExtractor:
-    """The FD-FMNIST classifier's features (``dfm_jax.fd_fmnist.FdFmnist``)."""
-    from dfm_jax import fd_fmnist as fd_fmnist_lib
+    """The FD-FMNIST classifier's features (``dfm_jax.evaluation.fd_fmnist.FdFmnist``)."""
+    from dfm_jax.evaluation import fd_fmnist as fd_fmnist_lib
 
     return FeatureExtractor(
         name="fd_fmnist",

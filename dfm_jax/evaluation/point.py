@@ -21,16 +21,16 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from dfm_jax import generate as generate_lib
-from dfm_jax import train
 from dfm_jax.evaluation import references, results
 from dfm_jax.evaluation.extraction import FeatureFunction, global_from_host, to_uint8
 from dfm_jax.evaluation.features import METRICS
 from dfm_jax.evaluation.scores import FrechetScore, InceptionScoreStream, PrecisionRecallScore
 from dfm_jax.evaluation.sweep import SweepPoint
+from dfm_jax.method import generation as generate_lib
+from dfm_jax.training import setup as setup_lib
 
 #: Model space -> pixels in [-1, 1]: a pytree callable (a ``Codec`` or an
-#: ``autoencoding.FunctionDecoder``), passed to the jitted sampler as an argument.
+#: ``decoding.FunctionDecoder``), passed to the jitted sampler as an argument.
 Decode = Callable[[jax.Array], jax.Array]
 
 
@@ -56,7 +56,7 @@ def class_balanced_labels(num_samples: int, num_classes: int, seed: int) -> np.n
 class PointContext:
     """What every sweep point of one run shares."""
 
-    setup: train.Setup
+    setup: setup_lib.Setup
     params: Any
     features: FeatureFunction
     make_scores: Callable[[], list]
@@ -133,8 +133,8 @@ def evaluate_point(ctx: PointContext, point: SweepPoint) -> dict[str, Any]:
     def sample(params, decode, key, labels):
         return to_uint8(decode(generate(params, key, labels)))
 
-    sample_fn = train.MeshBound(
-        jax.jit(sample, out_shardings=sharding), setup.mesh, train._rules(setup)
+    sample_fn = setup_lib.MeshBound(
+        jax.jit(sample, out_shardings=sharding), setup.mesh, setup_lib._rules(setup)
     )
     scores = ctx.make_scores()
     num_samples = len(ctx.labels)

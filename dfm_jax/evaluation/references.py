@@ -30,11 +30,12 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from dfm_jax import data, metrics, parallel, viz
-from dfm_jax.evaluation import results
+from dfm_jax import data, parallel
+from dfm_jax.evaluation import metrics, results
 from dfm_jax.evaluation.extraction import FeatureFunction
 from dfm_jax.evaluation.features import METRICS, FeatureExtractor, needed_extractors
 from dfm_jax.evaluation.scores import allgather_rows
+from dfm_jax.utils import viz
 
 REFERENCE_METRICS = ("fid", "fdd", "pr")
 _WEIGHT_FLAGS = {"inception": "--inception_weights", "dinov2": "--dinov2_weights"}
@@ -175,7 +176,7 @@ def extract_host_images(
         ids[len(block) :] = -1
         padded = np.zeros((batch_size, *images.shape[1:]), np.uint8)
         padded[: len(block)] = block
-        batch = data.make_global_batch(
+        batch = parallel.make_global_batch(
             {"image": padded[_local_slice(batch_size)], "id": ids[_local_slice(batch_size)]},
             function.mesh,
             parallel.BATCH_AXES,
@@ -284,7 +285,7 @@ def compute_reference(
             images[:take] = viz.to_uint8(batch["image"][:take])
             ids[:take] = np.arange(seen, seen + take)
             seen += take
-        global_batch = data.make_global_batch(
+        global_batch = parallel.make_global_batch(
             {"image": images, "id": ids}, mesh, parallel.BATCH_AXES
         )
         _, blocks = function.local_rows(global_batch["image"], global_batch["id"])

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from dfm_jax import viz
 from dfm_jax.evaluation.features import METRIC_COLUMNS
+from dfm_jax.utils import viz
 
 KEY_COLUMNS = (
     "step",

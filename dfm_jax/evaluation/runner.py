@@ -32,7 +32,7 @@ from clu import metric_writers
 from etils import epath
 from jax.experimental import multihost_utils
 
-from dfm_jax import autoencoding, checkpoint, parallel, train
+from dfm_jax import parallel
 from dfm_jax.evaluation import references, results
 from dfm_jax.evaluation.extraction import FeatureFunction
 from dfm_jax.evaluation.features import (
@@ -51,6 +51,8 @@ from dfm_jax.evaluation.point import (
 )
 from dfm_jax.evaluation.sweep import SweepPoint, metrics_text, parse_metrics, parse_sweep
 from dfm_jax.models import dit
+from dfm_jax.training import checkpoint, decoding
+from dfm_jax.training import setup as setup_lib
 
 
 def resolve_step(workdir: str, step: int | None) -> int:
@@ -75,7 +77,7 @@ def resolve_step(workdir: str, step: int | None) -> int:
     return step
 
 
-def restore_ema_params(setup: train.Setup, workdir: str, step: int) -> Any:
+def restore_ema_params(setup: setup_lib.Setup, workdir: str, step: int) -> Any:
     """The EMA parameters of checkpoint ``step``, placed with the run's shardings.
 
     Only the EMA parameters are read (not the raw parameters or the optimizer state).
@@ -99,7 +101,7 @@ def init_step(path: str, step: int | None) -> int:
     return dfm_sit.training_step(path) or 0
 
 
-def import_params(setup: train.Setup, path: str, which: str = "ema") -> Any:
+def import_params(setup: setup_lib.Setup, path: str, which: str = "ema") -> Any:
     """The ``which`` weights of an official DFM-SiT checkpoint, placed like the EMA params.
 
     ``dfm_jax.weights.dfm_sit.load_params`` checks them against the run's model config
@@ -141,7 +143,7 @@ def build_extractors(
 
 def load_fd_fmnist(config: ml_collections.ConfigDict, cache_dir: str | None = None):
     """The cached FD-FMNIST classifier (trained on first use, minutes on a CPU)."""
-    from dfm_jax import fd_fmnist
+    from dfm_jax.evaluation import fd_fmnist
 
     data_dir = config.data.dir if config.data.source == "fashion_mnist" else None
     return fd_fmnist.FdFmnist.load_or_train(cache_dir=cache_dir, data_dir=data_dir or None)
@@ -186,7 +188,7 @@ class SweepSettings:
       is_splits: Inception Score splits.
       extractors: ready-made feature extractors by name ("inception", "dinov2"),
         used instead of loading weight files (custom networks, tests).
-      fd_fmnist: a ``dfm_jax.fd_fmnist.FdFmnist`` for the fd_fmnist metric (default:
+      fd_fmnist: a ``dfm_jax.evaluation.fd_fmnist.FdFmnist`` for the fd_fmnist metric (default:
         the one cached in ``fd_fmnist_cache``, trained on first use).
       fd_fmnist_cache: its cache directory (default ``fd_fmnist.default_cache_dir()``).
       decode: ``model space -> pixels in [-1, 1]``, jit-compatible, applied to every
@@ -271,12 +273,12 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, **settings) -> li
 
 def _prepare(config, workdir, s: SweepSettings, metric_names, step: int, seed: int) -> PointContext:
     """Builds the model, loads networks and references, restores (or imports) the params."""
-    setup = train.build(config, s.mesh, read_data=s.init is None)
+    setup = setup_lib.build(config, s.mesh, read_data=s.init is None)
     if s.decode is not None:
-        decode = autoencoding.FunctionDecoder(s.decode)
+        decode = decoding.FunctionDecoder(s.decode)
     else:
-        codec = autoencoding.load_codec(config, setup.mesh, required=True)
-        decode = codec if codec is not None else autoencoding.IDENTITY
+        codec = decoding.load_codec(config, setup.mesh, required=True)
+        decode = codec if codec is not None else decoding.IDENTITY
     dp = parallel.data_parallel_size(setup.mesh)
     batch_size = s.batch_size
     if batch_size is None:

@@ -22,7 +22,7 @@ import numpy as np
 import scipy.special
 from jax.experimental import multihost_utils
 
-from dfm_jax import metrics
+from dfm_jax.evaluation import metrics
 from dfm_jax.evaluation.features import Metric
 
 IDS_KEY = "_ids"

@@ -34,7 +34,7 @@ from collections.abc import Iterable, Sequence
 
 import ml_collections
 
-from dfm_jax import sampling
+from dfm_jax.method import sampling
 
 SWEEP_KEYS = ("cfg", "tau", "steps", "solver", "interval")
 #: Metric names accepted by ``parse_metrics``, in the order results list them.

@@ -2,7 +2,7 @@
 
 Inception and DINOv2 weights cannot be downloaded on a machine without internet,
 so the Fashion-MNIST demo measures the Frechet distance on the features of this
-network instead, trained by the project itself (``dfm_jax.fd_fmnist``).
+network instead, trained by the project itself (``dfm_jax.evaluation.fd_fmnist``).
 
 Input: ``(B, H, W, C)`` images in [-1, 1] (the demo uses 32x32x1). Output:
 ``(logits (B, num_classes), features (B, feature_dim))``; ``features`` is the

@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from dfm_jax import parallel
-from dfm_jax.data import global_arrays, latents
+from dfm_jax.data import latents
 
 #: `--store` values.
 STORES = ("moments", "mean", "sample")
@@ -56,7 +56,7 @@ class Encoder:
         self.batch_size = int(batch_size)
         self.store = store
         self.mesh = mesh
-        self.sharding = global_arrays.batch_sharding(mesh, parallel.BATCH_AXES)
+        self.sharding = parallel.batch_sharding(mesh, parallel.BATCH_AXES)
         replicated = parallel.replicated(mesh)
         self.codec = jax.device_put(codec, replicated)
         self._key = jax.random.key(seed)

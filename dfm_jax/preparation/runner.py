@@ -67,7 +67,7 @@ class PrepareOptions:
         num_shards is None (default DEFAULT_IMAGES_PER_SHARD).
       num_shards: the number of shards instead.
       batch_size: images per encoder call on each process (default 16 per local device).
-      pyramids: names (`configlib.pyramid_name`) whose per-scale stds go into the metadata.
+      pyramids: names (`config_lib.pyramid_name`) whose per-scale stds go into the metadata.
       stats_examples: records the stds are measured on (a seeded random subset; all if fewer).
       max_examples: use only the first N source images (quick tries; None = all).
       seed: seeds the "sample" draws and the stats subset.

@@ -4,8 +4,8 @@ The authors' public DFM reimplementation (``models/sit_dfm.py``, class ``DFMSiT`
 released DFM-SiT-XL/2 for ImageNet 512 px (``dfm_sit_imagenet_512px_1k_0400000.pt``):
 a training checkpoint ``{"model", "ema", "opt", "args", "steps"}`` written by
 ``torch.save``. ``load_params(path, model_config)`` turns its EMA weights into the
-parameter tree of our ``DiT``, so that the rest of this project (``dfm_jax.sampling``,
-``dfm_jax.generate``, ``python -m dfm_jax.eval --init=PATH.pt``) uses them as if
+parameter tree of our ``DiT``, so that the rest of this project (``dfm_jax.method.sampling``,
+``dfm_jax.method.generation``, ``python -m dfm_jax.eval --init=PATH.pt``) uses them as if
 they had been trained here. ``configs/imagenet512_dfm_sit.py`` is the matching config.
 
 Architecture (checked against ``DiTConfig`` by ``check_architecture``): our DFM-DiT
@@ -54,7 +54,7 @@ Decisions:
   not-yet-active scales ``t_code = 1`` (paper t = 0) with the whole scale masked
   (``drop_mask`` per batch, ``zero_out_masked_levels``: input zeroed before its
   patch embedder; its timestep embedder still runs). Our ``DiT`` does the same with
-  a per-example mask, and ``dfm_jax.sampling`` gives waiting stages t = 0 and mask 0,
+  a per-example mask, and ``dfm_jax.method.sampling`` gives waiting stages t = 0 and mask 0,
   so nothing is remapped. Schedules match: the official ``stage_sampling_thresholds:
   [0.1]`` is our ``thresholds=(0.9,)``.
 * **Guidance.** The official DFM sampler applies ``v_u + w (v_c - v_u)`` to every
@@ -80,7 +80,7 @@ Decisions:
   plain containers is unpickled (plus ``argparse.Namespace``, the plain-data ``args``
   entry of the official training checkpoints), and only the selected state dict's
   tensors are read from disk. The EMA weights are used by default, as the official
-  ``generate.py`` does.
+  ``generation.py`` does.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from dfm_jax import sampling
-from dfm_jax.pyramid import Decomposition
+from dfm_jax.method import sampling
+from dfm_jax.method.pyramid import Decomposition
 
 Array = jax.Array
 
@@ -40,7 +40,7 @@ def make_generate_fn(
       decomposition: the pyramid the model was trained with.
       example_shape: one example's shape, ``(H, W, C)`` or ``(T, H, W, C)``.
       sampling_config: ``steps_per_stage``, ``thresholds``, ``solver``,
-        ``cfg_scale``, ``guidance_interval`` (see ``dfm_jax.sampling.sample``).
+        ``cfg_scale``, ``guidance_interval`` (see ``dfm_jax.method.sampling.sample``).
       null_label: the null class id (``num_classes``).
     """
     options = dict(

@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfm_jax import pyramid as pyramid_lib
+from dfm_jax.method import pyramid as pyramid_lib
 
 Array = jax.Array
 VelocityFn = Callable[[tuple[Array, ...], Array, Array, Array], Sequence[Array]]

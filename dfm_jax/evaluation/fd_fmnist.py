@@ -30,8 +30,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from dfm_jax import metrics
 from dfm_jax.data.fashion_mnist import FashionMnistSource
+from dfm_jax.evaluation import metrics
 from dfm_jax.models.classifier import SmallConvNet
 
 RESOLUTION = 32

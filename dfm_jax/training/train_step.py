@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from dfm_jax import flow
-from dfm_jax.pyramid import Decomposition
+from dfm_jax.method import objective
+from dfm_jax.method.pyramid import Decomposition
 
 Array = jax.Array
 
@@ -121,7 +121,7 @@ class StepConfig:
 
     model: nn.Module
     decomposition: Decomposition
-    objective: flow.ObjectiveConfig
+    objective: objective.ObjectiveConfig
     tx: optax.GradientTransformation
     learning_rate: optax.Schedule
     ema_decay: float
@@ -145,8 +145,8 @@ def train_step(
     """
     key_inputs, key_labels = jax.random.split(jax.random.fold_in(base_key, state.step))
     scales = static.decomposition.decompose(batch["image"].astype(jnp.float32))
-    inputs = flow.make_training_inputs(key_inputs, scales, static.objective)
-    labels = flow.drop_labels(
+    inputs = objective.make_training_inputs(key_inputs, scales, static.objective)
+    labels = objective.drop_labels(
         key_labels, batch["label"], static.objective.label_dropout, static.num_classes
     )
 
@@ -154,7 +154,7 @@ def train_step(
         predictions = static.model.apply(
             {"params": params}, inputs.noisy, inputs.t, inputs.mask, labels
         )
-        output = flow.loss_fn(predictions, inputs.targets, inputs.mask)
+        output = objective.loss_fn(predictions, inputs.targets, inputs.mask)
         return output.loss, output
 
     (loss, output), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)

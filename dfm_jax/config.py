@@ -13,7 +13,8 @@ from typing import Any
 
 import ml_collections
 
-from dfm_jax import flow, parallel, pyramid, sampling
+from dfm_jax import parallel
+from dfm_jax.method import objective, pyramid, sampling
 from dfm_jax.models import autoencoder, dit
 
 PYRAMID_KINDS = ("laplacian", "haar")
@@ -53,7 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.pyramid.standardize = False  # divide scale s by its data std (paper: off for images)
     c.pyramid.stds = _optional(tuple)  # per-scale stds, or data's
 
-    # --- Objective (dfm_jax.flow.ObjectiveConfig) ---------------------------------------------
+    # --- Objective (dfm_jax.method.objective.ObjectiveConfig) ----------------------------
     c.objective = ml_collections.ConfigDict()
     c.objective.stage_probs = (0.9, 0.1)  # p_q; (1.0,) for Flow Matching
     c.objective.current_location = 0.0
@@ -285,9 +286,9 @@ def preconditioning_stds(config: ml_collections.ConfigDict, stds) -> tuple[float
     return tuple(stds)
 
 
-def build_objective(config: ml_collections.ConfigDict) -> flow.ObjectiveConfig:
+def build_objective(config: ml_collections.ConfigDict) -> objective.ObjectiveConfig:
     try:
-        return flow.ObjectiveConfig(**config.objective.to_dict())
+        return objective.ObjectiveConfig(**config.objective.to_dict())
     except ValueError as e:
         raise ValueError(f"config.objective: {e}") from e
 
