@@ -53,4 +53,8 @@ def get_config():
     config.sampling.grid_classes = 8
     config.sampling.samples_per_class = 8
     config.sampling.preview_examples = 8
+
+    # `python -m dfm_jax.eval` computes these; pass the weight and reference files with
+    # --inception_weights/--dinov2_weights/--reference (or --config.evals.quality.*).
+    config.evals.quality = config_lib.evaluator(metrics=("fid", "fdd", "is"), num_samples=50_000)
     return config

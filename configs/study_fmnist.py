@@ -28,4 +28,7 @@ def get_config(variant: str = "dfm"):
     config.keep_checkpoints = 100  # every checkpoint is evaluated
     config.sample_every = 2_000
     config.log_every = 200
+    # The study script evaluates every checkpoint with `python -m dfm_jax.eval` (cfg 1.0
+    # and 1.5); no evaluation during training.
+    config.evals.fd_fmnist.every = 0
     return config if variant == "dfm" else config_lib.flow_matching_twin(config)

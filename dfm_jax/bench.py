@@ -23,20 +23,21 @@ Results print as a Markdown table; ``--json`` also writes them to a file.
 
 from __future__ import annotations
 
+from dfm_jax import console  # first: it sets TensorFlow's environment
+
+# isort: split
 import dataclasses
 import json
 import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from dfm_jax import config as config_lib
 from dfm_jax import data, parallel
-from dfm_jax.models import dit
 from dfm_jax.training import perf
 from dfm_jax.training import setup as setup_lib
 
@@ -85,7 +86,7 @@ class _Runner:
     """One model's compiled step, its state and batch, and the step times so far."""
 
     name: str
-    config: ml_collections.ConfigDict
+    settings: config_lib.Settings
     setup: setup_lib.Setup
     step_fn: setup_lib.MeshBound
     state: object
@@ -103,31 +104,32 @@ class _Runner:
             self.times.append(time.perf_counter() - start)
 
 
-def prepare(config, name: str, warmup: int) -> _Runner:
+def prepare(settings: config_lib.Settings, name: str, warmup: int) -> _Runner:
     """Builds, compiles and warms up the real train step on a fixed synthetic batch."""
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.data.source = "synthetic"
-    config.data.num_examples = max(config.batch_size, 64)
-    setup = setup_lib.build(config)
-    init_key, train_key = jax.random.split(jax.random.key(config.seed))
+    synthetic = dataclasses.replace(
+        settings.data, source="synthetic", num_examples=max(settings.batch_size, 64)
+    )
+    settings = dataclasses.replace(settings, data=synthetic)
+    setup = setup_lib.build(settings)
+    init_key, train_key = jax.random.split(jax.random.key(settings.seed))
     state = setup_lib.initial_state(setup, init_key)
     iterator = data.make_train_iterator(
-        setup.source, global_batch_size=config.batch_size, seed=config.seed
+        setup.source, global_batch_size=settings.batch_size, seed=settings.seed
     )
     batch = parallel.make_global_batch(next(iterator), setup.mesh, parallel.BATCH_AXES)
     step_fn = setup_lib.compile_train_step(setup)
     compiled_bytes = _compiled_bytes(step_fn.lower(state, batch, train_key).compile())
-    runner = _Runner(name, config, setup, step_fn, state, batch, train_key, compiled_bytes)
+    runner = _Runner(name, settings, setup, step_fn, state, batch, train_key, compiled_bytes)
     runner.run(1 + warmup)  # the first call compiles
     runner.times.clear()
     return runner
 
 
 def summarize(runner: _Runner, matmul_flops: float) -> Result:
-    config, setup = runner.config, runner.setup
+    settings, setup = runner.settings, runner.setup
     step_seconds = float(np.median(runner.times))
-    forward = dit.forward_flops(setup.model_config, setup.scale_shapes)
-    model_flops = perf.TRAIN_FLOPS_PER_FORWARD * forward * config.batch_size / step_seconds
+    forward = setup.method.forward_flops()
+    model_flops = perf.TRAIN_FLOPS_PER_FORWARD * forward * settings.batch_size / step_seconds
     model_flops /= jax.device_count()
     published = perf.published_peak_flops()
     return Result(
@@ -135,7 +137,7 @@ def summarize(runner: _Runner, matmul_flops: float) -> Result:
         params_millions=sum(x.size for x in jax.tree.leaves(runner.state.params)) / 1e6,
         forward_gflops_per_example=forward / 1e9,
         step_seconds=step_seconds,
-        examples_per_second=config.batch_size / step_seconds,
+        examples_per_second=settings.batch_size / step_seconds,
         model_tflops_per_device=model_flops / 1e12,
         matmul_tflops_per_device=matmul_flops / 1e12,
         mfu_measured=model_flops / matmul_flops,
@@ -146,13 +148,13 @@ def summarize(runner: _Runner, matmul_flops: float) -> Result:
 
 
 def benchmark(configs: dict, steps: int, warmup: int, rounds: int, matmul_flops: float):
-    """Times every config's step in interleaved rounds, so drift hits all alike.
+    """Times every model's step in interleaved rounds, so drift hits all alike.
 
     Args:
-      configs: name -> config, in the order of the table.
+      configs: name -> settings, in the order of the table.
       steps: timed steps per model in all (split over ``rounds``).
     """
-    runners = [prepare(config, name, warmup) for name, config in configs.items()]
+    runners = [prepare(settings, name, warmup) for name, settings in configs.items()]
     per_round = -(-steps // rounds)
     for _ in range(rounds):
         for runner in runners:
@@ -185,17 +187,18 @@ def main(argv):
     if _STEPS.value < 20:
         logging.warning("--steps=%d: reported figures should use at least 20", _STEPS.value)
     config = _CONFIG.value
-    dtype = jnp.dtype(config.model.dtype)
+    settings = config_lib.read(config)
+    dtype = jnp.dtype(settings.model.dtype)
     matmul_flops = perf.measure_matmul_flops(size=2048, dtype=dtype)
     configs = {
-        "FM (1 scale)": config_lib.flow_matching_twin(config),
-        f"DFM ({len(config.pyramid.ratios) + 1} scales)": config,
+        "FM (1 scale)": config_lib.read(config_lib.flow_matching_twin(config)),
+        f"DFM ({settings.num_scales} scales)": settings,
     }
     fm, dfm = benchmark(configs, _STEPS.value, _WARMUP.value, _ROUNDS.value, matmul_flops)
     device = jax.devices()[0]
     print(
         f"\nDevice: {device.device_kind} x {jax.device_count()} ({jax.default_backend()}); "
-        f"batch {config.batch_size}; compute {dtype.name}; median of {_STEPS.value} steps "
+        f"batch {settings.batch_size}; compute {dtype.name}; median of {_STEPS.value} steps "
         f"per model in {_ROUNDS.value} interleaved rounds\n"
     )
     print(markdown([fm, dfm], baseline=fm))
@@ -205,4 +208,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    console.run(main)

@@ -1,331 +1,648 @@
-"""The shared experiment config: defaults, validation, and builders.
+"""The experiment config: one schema, read once into typed settings.
 
-Every experiment file in ``configs/`` starts from ``base_config()`` and changes
-what it needs; every field is documented once, here. ``validate`` runs at start
-and raises ``ValueError`` naming the field and the fix, before any data is read
-or any array is allocated. The builders turn config sections into the method's
-objects (decomposition, objective, model architecture, sampler settings).
+Every field of an experiment is declared once, here, in a frozen dataclass per config
+section: its type, its default (the paper's setup unless noted) and its documentation
+(the comment beside it). Each section checks its own values when it is constructed;
+``Settings.__post_init__`` checks the rules between sections (patch sizes that give
+equal token grids, one p_q entry and one sampling stage per scale, ...). Errors are
+``ConfigError`` (a ``ValueError``) naming the field and the fix.
+
+* ``base_config()`` renders the schema as the ``ml_collections.ConfigDict`` that the
+  files in ``configs/`` start from and that ``--config.<field>=<value>`` overrides;
+  ``evaluator(...)`` renders one entry of ``config.evals``.
+* ``read(config)`` turns such a ConfigDict into ``Settings`` once, at start: unknown
+  fields (with the closest valid names), wrong types and invalid values are refused.
+  Everything downstream (training setup, loop, evaluation, benchmark) receives
+  ``Settings`` and never the ConfigDict, so data flow one way:
+  config -> settings -> setup -> loop.
+* ``flow_matching_twin(config)``: the single-scale Flow Matching baseline of a DFM
+  config at equal compute (configs/*_fm.py).
+
+Sections: the run (top level), ``mesh``, ``sharding_rules``, ``pyramid``,
+``objective`` (the DFM objective's own ``ObjectiveConfig``), ``model``, ``optimizer``,
+``data``, ``autoencoder``, ``sampling`` (the sampler's ``SamplerSettings`` plus the
+periodic grids) and ``evals`` (evaluators, big_vision style: name -> ``EvalSettings``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import copy
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import ml_collections
 
 from dfm_jax import parallel
+from dfm_jax.data.factory import SOURCES
+from dfm_jax.evaluation.features import METRICS
 from dfm_jax.method import objective, pyramid, sampling
 from dfm_jax.models import autoencoder, dit
 
-PYRAMID_KINDS = ("laplacian", "haar")
+#: Training methods (``dfm_jax.method.methods``).
+METHODS = ("dfm", "flow_matching")
 
 
-def _optional(kind: type):
-    """A field that is None unless set, typed so that ``--config.x=...`` overrides parse."""
-    return ml_collections.config_dict.placeholder(kind)
+class ConfigError(ValueError):
+    """An invalid experiment config; the message names the field and the fix."""
+
+
+def _check(condition: bool, field: str, message: str) -> None:
+    """Raises ``ConfigError("<field>: <message>")`` unless ``condition``."""
+    if not condition:
+        raise ConfigError(f"{field}: {message}")
+
+
+def _positive_ints(section: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(section, name)
+        _check(value >= 1, name, f"must be a positive integer, got {value}")
+
+
+# ------------------------------------------------------------------------------ sections
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSettings:
+    """Device-mesh axis sizes (``dfm_jax.parallel``); -1 takes the remaining devices."""
+
+    data: int = -1  # pure data parallelism (parameters replicated)
+    fsdp: int = 1  # data parallelism with parameters and optimizer state sharded (ZeRO-3)
+    model: int = 1  # tensor parallelism of attention heads and MLP hidden units
+
+    def __post_init__(self):
+        parallel.check_mesh_shape(self.as_dict())
+
+    def as_dict(self) -> dict[str, int]:
+        return {"data": self.data, "fsdp": self.fsdp, "model": self.model}
+
+
+@dataclasses.dataclass(frozen=True)
+class PyramidSettings:
+    """The multiscale decomposition (``dfm_jax.method.pyramid``)."""
+
+    kind: str = "laplacian"  # "laplacian" | "haar"
+    ratios: tuple[int, ...] = (2,)  # coarse-to-fine resolution ratios; () is one scale (FM)
+    standardize: bool = False  # divide scale s by its data std (paper: off for images)
+    stds: tuple[float, ...] | None = None  # per-scale stds; None: the dataset's metadata
+
+    def __post_init__(self):
+        _check(
+            self.kind in pyramid.KINDS, "kind", f"must be one of {pyramid.KINDS}, got {self.kind!r}"
+        )
+        _check(all(r >= 2 for r in self.ratios), "ratios", f"must be >= 2, got {self.ratios}")
+        if self.kind == "haar":
+            _check(
+                all(r == 2 for r in self.ratios),
+                "ratios",
+                f"the Haar pyramid has x2 levels only, got {self.ratios}",
+            )
+        if self.stds is not None:
+            _check(
+                len(self.stds) == self.num_scales,
+                "stds",
+                f"{self.stds} has {len(self.stds)} entries for {self.num_scales} scales",
+            )
+            _check(
+                all(s > 0 and math.isfinite(s) for s in self.stds),
+                "stds",
+                f"must be positive, got {self.stds}",
+            )
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.ratios) + 1
+
+    @property
+    def name(self) -> str:
+        """Key of this decomposition's per-scale stds in dataset metadata, e.g. "laplacian_2"."""
+        return pyramid.metadata_name(self.kind, self.ratios)
+
+
+#: The DFM objective's hyperparameters, declared (with defaults and checks) where the
+#: objective is: ``stage_probs`` (p_q), ``current_location``/``current_scale``,
+#: ``earlier_location``/``earlier_scale``, ``stage_sampling``, ``label_dropout``.
+ObjectiveSettings = objective.ObjectiveConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+    """The DFM-DiT (``dfm_jax.models.dit``): a named size with optional overrides."""
+
+    size: str = "XL"  # S | B | L | XL (depth / width / heads 12/384/6 ... 28/1152/16)
+    patch_sizes: tuple[int, ...] = (1, 2)  # one per scale, coarsest first; equal token grids
+    depth: int | None = None  # overrides the size's depth
+    width: int | None = None  # overrides the size's width
+    num_heads: int | None = None  # overrides the size's heads
+    positions: str = "rope"  # "rope" (paper) | "sincos" (authors' reimplementation)
+    stage_embedding: bool = True  # embedding of the current stage in the conditioning
+    preconditioning: bool = False  # EDM-style per-scale c_in / c_out (needs data stds)
+    attention_impl: str | None = None  # "xla" | "cudnn" | None (JAX chooses)
+    dtype: str = "float32"  # compute dtype; "bfloat16" on accelerators
+    remat: bool = False  # rematerialise every block in the backward pass
+    remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name
+
+    def __post_init__(self):
+        try:  # the architecture's own checks, with stand-in channels, classes and stds
+            stds = (1.0,) * len(self.patch_sizes)
+            self.architecture(in_channels=1, num_classes=1, scale_stds=stds)
+        except ValueError as e:
+            raise ConfigError(str(e).removeprefix("DiTConfig: ")) from None
+
+    def architecture(
+        self, *, in_channels: int, num_classes: int, scale_stds: tuple[float, ...] | None
+    ) -> dit.DiTConfig:
+        """The ``DiTConfig``; ``scale_stds`` (sigma_s as the model sees the scales) are
+        used when ``preconditioning``."""
+        overrides = {
+            name: getattr(self, name)
+            for name in ("depth", "width", "num_heads")
+            if getattr(self, name) is not None
+        }
+        return dit.dit_config(
+            self.size,
+            in_channels=in_channels,
+            num_classes=num_classes,
+            patch_sizes=self.patch_sizes,
+            positions=self.positions,
+            stage_embedding=self.stage_embedding,
+            preconditioning=self.preconditioning,
+            scale_stds=scale_stds if self.preconditioning else None,
+            attention_impl=self.attention_impl,
+            dtype=self.dtype,
+            remat=self.remat,
+            remat_policy=self.remat_policy,
+            **overrides,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSettings:
+    """AdamW with warm-up, clipping and an EMA of the parameters (paper setup)."""
+
+    learning_rate: float = 1e-4
+    warmup_steps: int = 10_000  # linear warm-up from 0, then constant
+    b1: float = 0.9
+    b2: float = 0.99
+    eps: float = 1e-8
+    weight_decay: float = 0.01  # decoupled, on every parameter
+    grad_clip: float = 1.0  # global-norm clipping; 0 disables
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + step) / (10 + step))
+
+    def __post_init__(self):
+        _check(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
+        _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        for name in ("b1", "b2"):
+            value = getattr(self, name)
+            _check(0 <= value < 1, name, f"must be in [0, 1), got {value}")
+        _check(self.eps > 0, "eps", f"must be > 0, got {self.eps}")
+        _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(self.grad_clip >= 0, "grad_clip", f"must be >= 0 (0 disables), got {self.grad_clip}")
+        _check(0 <= self.ema_decay <= 1, "ema_decay", f"must be in [0, 1], got {self.ema_decay}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+    """The training data (``dfm_jax.data.make_source``).
+
+    ``image`` of every example holds pixels in [-1, 1], or autoencoder latents for
+    ``source="array_record"``; images ``(H, W, C)``, videos ``(T, H, W, C)``.
+    """
+
+    source: str = "synthetic"  # fashion_mnist | synthetic | image_folder | tfds | array_record
+    dir: str = ""  # data directory: IDX files / class folders / TFDS data_dir / latents
+    split: str = "train"  # split name (image_folder / array_record: a subfolder if present)
+    resolution: int | None = None  # output side of pixel sources; None: native (synthetic 32)
+    channels: int | None = None  # None: the source's (fashion_mnist 1, synthetic/folders 3)
+    num_classes: int | None = None  # None: the dataset's; set: must equal it (synthetic: 10)
+    frames: int = 0  # synthetic: 0 for images, T > 0 for (T, H, W, C) videos
+    num_examples: int = 1024  # synthetic: dataset size
+    tfds_name: str = ""  # tfds: the dataset name, e.g. "cifar10"
+    image_key: str = "image"  # tfds: image feature
+    label_key: str = "label"  # tfds: label feature ("" for unconditional)
+    download: bool = False  # fashion_mnist / tfds: allow a TFDS download
+    latent_sample: bool = True  # array_record moments: draw a latent per read (False: mean)
+    validate_files: bool = True  # image_folder: header-check every file when indexing
+    worker_count: int = 0  # Grain worker processes (0: in the training process)
+
+    def __post_init__(self):
+        _check(
+            self.source in SOURCES,
+            "source",
+            f"unknown data.source {self.source!r}; known sources: {', '.join(SOURCES)}",
+        )
+        for name in ("resolution", "channels"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, name, f"must be positive or None, got {value}")
+        _check(
+            self.num_classes is None or self.num_classes >= 1,
+            "num_classes",
+            f"must be positive or None, got {self.num_classes}",
+        )
+        _check(self.frames >= 0, "frames", f"must be >= 0 (0: images), got {self.frames}")
+        _check(self.num_examples >= 1, "num_examples", f"must be positive, got {self.num_examples}")
+        _check(self.worker_count >= 0, "worker_count", f"must be >= 0, got {self.worker_count}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoencoderSettings:
+    """The autoencoder of latent configs (``dfm_jax.models.autoencoder``).
+
+    Empty ``name``: the model works on pixels. Otherwise samples are decoded with it for
+    grids, previews and metrics (and ``python -m dfm_jax.prepare`` encodes with it).
+    """
+
+    name: str = ""  # "sd-vae-ft-ema" | "sd-vae-ft-mse" | "flux-ae" | "tiny" (tests) | ""
+    weights: str = ""  # diffusers diffusion_pytorch_model.safetensors (or its directory)
+    dtype: str = "float32"  # compute dtype; "bfloat16" on accelerators
+    decode_tile: int = 0  # latent tile side for tiled decoding; 0 decodes whole
+
+    def __post_init__(self):
+        _check(
+            not self.name or self.name in autoencoder.PRESETS,
+            "name",
+            f"unknown autoencoder {self.name!r}; use one of {sorted(autoencoder.PRESETS)} or '' "
+            "for pixel space",
+        )
+        _check(
+            self.dtype in ("float32", "bfloat16"),
+            "dtype",
+            f"must be float32 or bfloat16, got {self.dtype!r}",
+        )
+        _check(self.decode_tile >= 0, "decode_tile", f"must be >= 0, got {self.decode_tile}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings(sampling.SamplerSettings):
+    """The sampler of the periodic sample grids (and the default point of evaluations).
+
+    Inherits ``steps_per_stage``, ``thresholds`` (paper convention), ``solver``,
+    ``cfg_scale`` and ``guidance_interval`` from ``dfm_jax.method.sampling.SamplerSettings``
+    (declared and checked there); adds what the grids show.
+    """
+
+    grid_classes: int = 10  # rows of the sample grid (the first classes)
+    samples_per_class: int = 8  # columns of the sample grid
+    preview_examples: int = 4  # rows of the progressive preview strip
+
+    def __post_init__(self):
+        super().__post_init__()
+        _positive_ints(self, ("grid_classes", "samples_per_class", "preview_examples"))
+
+    def sampler(self) -> sampling.SamplerSettings:
+        """The sampler part alone."""
+        names = [f.name for f in dataclasses.fields(sampling.SamplerSettings)]
+        return sampling.SamplerSettings(**{name: getattr(self, name) for name in names})
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """One evaluator of ``config.evals`` (big_vision style), run by the trainer and by
+    ``python -m dfm_jax.eval`` on the EMA parameters.
+
+    Results go to ``<workdir>/eval/results.csv`` / ``results.md`` and TensorBoard.
+    """
+
+    metrics: tuple[str, ...] = ("fid", "fdd", "is")  # fid | fdd | is | pr | fd_fmnist
+    every: int = 0  # train steps between evaluations during training (+ at the end); 0: never
+    num_samples: int = 50_000  # samples per sweep point
+    sweep: str = ""  # sampler settings (dfm_jax.evaluation.sweep syntax); "": config.sampling
+    batch_size: int | None = None  # generation batch; None: config.batch_size (capped)
+    seed: int | None = None  # labels and noise; None: config.seed
+    inception_weights: str = ""  # pytorch-fid Inception weights (fid, is, pr)
+    dinov2_weights: str = ""  # DINOv2 weights (fdd)
+    reference: str = ""  # reference statistics .npz (ADM batch or --compute_reference)
+    fdd_reference: str = ""  # DINOv2 reference .npz (default: fdd_* keys of reference)
+    is_splits: int = 10  # Inception Score splits
+
+    def __post_init__(self):
+        unknown = sorted(set(self.metrics) - set(METRICS))
+        _check(not unknown, "metrics", f"unknown metrics {unknown}; known metrics: {list(METRICS)}")
+        _check(bool(self.metrics), "metrics", "is empty; name at least one metric")
+        _check(self.every >= 0, "every", f"must be >= 0 (0: not during training), got {self.every}")
+        _positive_ints(self, ("num_samples", "is_splits"))
+        _check(
+            self.batch_size is None or self.batch_size >= 1,
+            "batch_size",
+            f"must be positive or None, got {self.batch_size}",
+        )
+        if "is" in self.metrics:
+            _check(
+                self.is_splits <= self.num_samples,
+                "is_splits",
+                f"{self.is_splits} must be <= num_samples {self.num_samples}",
+            )
+        if "pr" in self.metrics:
+            _check(self.num_samples >= 4, "num_samples", "must be >= 4 for precision/recall")
+
+
+# ------------------------------------------------------------------------------ the whole
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """A whole experiment, validated (see the module docstring)."""
+
+    seed: int = 0  # one seed: parameters, per-step randomness (fold_in(step)), data order
+    total_steps: int = 500_000
+    batch_size: int = 256  # global batch, split over the data-parallel mesh axes
+    log_every: int = 100  # metrics to TensorBoard and a console line
+    checkpoint_every: int = 5_000
+    sample_every: int = 25_000  # sample grid + preview strip PNGs from the EMA parameters
+    keep_checkpoints: int = 3
+    max_consecutive_nonfinite: int = 20  # stop after this many skipped (non-finite) updates
+    resume: str = ""  # a checkpoint directory to start from when the workdir has none
+    method: str = "dfm"  # "dfm" | "flow_matching" (one scale; flow_matching_twin)
+    mesh: MeshSettings = MeshSettings()
+    # Logical axis name -> mesh axes (dfm_jax.parallel.DEFAULT_RULES); None replicates.
+    sharding_rules: tuple[tuple[str, Any], ...] = parallel.DEFAULT_RULES
+    pyramid: PyramidSettings = PyramidSettings()
+    objective: ObjectiveSettings = dataclasses.field(default_factory=ObjectiveSettings)
+    model: ModelSettings = ModelSettings()
+    optimizer: OptimizerSettings = OptimizerSettings()
+    data: DataSettings = DataSettings()
+    autoencoder: AutoencoderSettings = AutoencoderSettings()
+    sampling: SamplingSettings = SamplingSettings()
+    evals: Mapping[str, EvalSettings] = dataclasses.field(default_factory=dict)
+
+    _SECTIONS: ClassVar[tuple[str, ...]] = (
+        "mesh",
+        "pyramid",
+        "objective",
+        "model",
+        "optimizer",
+        "data",
+        "autoencoder",
+        "sampling",
+    )
+
+    def __post_init__(self):
+        _positive_ints(
+            self,
+            (
+                "total_steps",
+                "batch_size",
+                "log_every",
+                "checkpoint_every",
+                "sample_every",
+                "keep_checkpoints",
+                "max_consecutive_nonfinite",
+            ),
+        )
+        _check(self.method in METHODS, "method", f"must be one of {METHODS}, got {self.method!r}")
+        self._check_scales()
+        if self.data.source == "array_record":
+            _check(
+                bool(self.autoencoder.name),
+                "autoencoder.name",
+                "is empty but data.source='array_record' trains on autoencoder latents; name "
+                "the autoencoder that encoded them (e.g. sd-vae-ft-ema, flux-ae) so that "
+                "samples can be decoded",
+            )
+
+    def _check_scales(self) -> None:
+        """One patch size, one p_q entry and one sampling stage per scale."""
+        scales, ratios, patches = self.num_scales, self.pyramid.ratios, self.model.patch_sizes
+        _check(
+            len(patches) == scales,
+            "model.patch_sizes",
+            f"{patches} has {len(patches)} entries but pyramid.ratios {ratios} make "
+            f"{scales} scales",
+        )
+        matching = [patches[0]]
+        for ratio in ratios:
+            matching.append(matching[-1] * ratio)
+        _check(
+            tuple(matching) == patches,
+            "model.patch_sizes",
+            f"{patches} do not give equal token grids for pyramid ratios {ratios}: each patch "
+            f"size must be the previous one times the ratio, e.g. {tuple(matching)}",
+        )
+        _check(
+            len(self.objective.stage_probs) == scales,
+            "objective.stage_probs",
+            f"{self.objective.stage_probs} must have one entry per scale ({scales})",
+        )
+        try:
+            self.sampling.check_num_scales(scales)
+        except ValueError as e:
+            raise ConfigError(f"sampling.{e}") from None  # the sampler names its field
+        if self.method == "flow_matching":
+            _check(
+                scales == 1,
+                "method",
+                "'flow_matching' trains one scale: set pyramid.ratios=() and "
+                "objective.stage_probs=(1.0,) (config.flow_matching_twin does it)",
+            )
+
+    @property
+    def num_scales(self) -> int:
+        return self.pyramid.num_scales
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dicts (JSON-serialisable), e.g. for checkpoints and hparams."""
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------ rendering
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _optional_type(hint: Any) -> type | None:
+    """``X`` for ``X | None``, else None."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        (inner,) = [a for a in args if a is not type(None)]
+        return typing.get_origin(inner) or inner
+    return None
+
+
+def _render(section: Any) -> ml_collections.ConfigDict:
+    """A dataclass instance as a ConfigDict; None fields become typed placeholders."""
+    rendered = ml_collections.ConfigDict()
+    hints = _hints(type(section))
+    for field in dataclasses.fields(section):
+        value = getattr(section, field.name)
+        if dataclasses.is_dataclass(value):
+            rendered[field.name] = _render(value)
+        elif field.name == "evals":
+            rendered[field.name] = ml_collections.ConfigDict(
+                {name: _render(e) for name, e in value.items()}
+            )
+        elif value is None:
+            kind = _optional_type(hints[field.name])
+            rendered[field.name] = ml_collections.config_dict.placeholder(kind)
+        else:
+            rendered[field.name] = value
+    return rendered
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """Defaults shared by every experiment (the paper's optimisation setup)."""
-    c = ml_collections.ConfigDict()
-
-    # --- Run --------------------------------------------------------------------------------
-    c.seed = 0  # one seed: parameters, per-step randomness (fold_in(step)), data order
-    c.total_steps = 500_000
-    c.batch_size = 256  # global batch, split over the data-parallel mesh axes
-    c.log_every = 100  # metrics to TensorBoard and a console line
-    c.checkpoint_every = 5_000
-    c.sample_every = 25_000  # sample grid + preview strip PNGs from the EMA parameters
-    c.keep_checkpoints = 3
-    c.max_consecutive_nonfinite = 20  # stop after this many skipped (non-finite) updates
-    c.resume = ""  # a checkpoint directory to start from when the workdir has none
-
-    # --- Parallelism ------------------------------------------------------------------------
-    # Mesh axes data (replicated params), fsdp (sharded params) and model (tensor parallel);
-    # -1 takes the remaining devices.
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
-    # Logical axis name -> mesh axes (see dfm_jax.parallel); None replicates.
-    c.sharding_rules = [list(rule) for rule in parallel.DEFAULT_RULES]
-
-    # --- Decomposition ----------------------------------------------------------------------
-    c.pyramid = ml_collections.ConfigDict()
-    c.pyramid.kind = "laplacian"  # "laplacian" | "haar"
-    c.pyramid.ratios = (2,)  # coarse-to-fine resolution ratios; () is Flow Matching
-    c.pyramid.standardize = False  # divide scale s by its data std (paper: off for images)
-    c.pyramid.stds = _optional(tuple)  # per-scale stds, or data's
-
-    # --- Objective (dfm_jax.method.objective.ObjectiveConfig) ----------------------------
-    c.objective = ml_collections.ConfigDict()
-    c.objective.stage_probs = (0.9, 0.1)  # p_q; (1.0,) for Flow Matching
-    c.objective.current_location = 0.0
-    c.objective.current_scale = 1.0
-    c.objective.earlier_location = 1.5  # the authors' code uses 2.0
-    c.objective.earlier_scale = 1.0
-    c.objective.stage_sampling = "per_example"  # or "per_batch" (authors' code)
-    c.objective.label_dropout = 0.1
-
-    # --- Model (dfm_jax.models.dit.DiTConfig) -------------------------------------------------
-    c.model = ml_collections.ConfigDict()
-    c.model.size = "XL"  # S | B | L | XL
-    c.model.patch_sizes = (1, 2)  # one per scale, equal token grids
-    c.model.depth = _optional(int)  # overrides the size's depth
-    c.model.width = _optional(int)
-    c.model.num_heads = _optional(int)
-    c.model.positions = "rope"  # "rope" (paper) | "sincos" (authors' reimplementation)
-    c.model.stage_embedding = True
-    c.model.preconditioning = False
-    c.model.attention_impl = _optional(str)  # xla | cudnn | None
-    c.model.dtype = "float32"  # compute dtype; "bfloat16" on accelerators
-    c.model.remat = False
-    c.model.remat_policy = "nothing_saveable"
-
-    # --- Optimizer --------------------------------------------------------------------------
-    c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.learning_rate = 1e-4
-    c.optimizer.warmup_steps = 10_000  # linear warm-up from 0
-    c.optimizer.b1 = 0.9
-    c.optimizer.b2 = 0.99
-    c.optimizer.eps = 1e-8
-    c.optimizer.weight_decay = 0.01
-    c.optimizer.grad_clip = 1.0  # global-norm clipping; 0 disables
-    c.optimizer.ema_decay = 0.9999
-    c.optimizer.ema_warmup = True  # decay min(ema_decay, (1 + step) / (10 + step))
-
-    # --- Data (dfm_jax.data) ------------------------------------------------------------------
-    c.data = ml_collections.ConfigDict()
-    c.data.source = "synthetic"
-    c.data.dir = ""
-    c.data.split = "train"
-    c.data.resolution = 32
-    c.data.channels = 3
-    c.data.num_classes = 10
-    c.data.tfds_name = ""
-    c.data.image_key = "image"
-    c.data.label_key = "label"
-    c.data.download = False
-    c.data.latent_sample = False
-    c.data.worker_count = 0
-
-    # --- Autoencoder (latent configs; dfm_jax.models.autoencoder) ------------------------------
-    # Empty name: the model works on pixels. Otherwise samples are decoded with this
-    # autoencoder for grids, previews and metrics (and `python -m dfm_jax.prepare` encodes
-    # with it). Names: "sd-vae-ft-ema", "sd-vae-ft-mse", "flux-ae", "tiny" (tests).
-    c.autoencoder = ml_collections.ConfigDict()
-    c.autoencoder.name = ""
-    c.autoencoder.weights = ""  # diffusers diffusion_pytorch_model.safetensors (or its dir)
-    c.autoencoder.dtype = "float32"  # compute dtype; "bfloat16" on accelerators
-    c.autoencoder.decode_tile = 0  # latent tile size for tiled decoding; 0 decodes whole
-
-    # --- Sampling (periodic grids; eval sweeps override) --------------------------------------
-    c.sampling = ml_collections.ConfigDict()
-    c.sampling.steps_per_stage = (30, 10)
-    c.sampling.thresholds = (0.9,)
-    c.sampling.solver = "euler"
-    c.sampling.cfg_scale = 1.0
-    c.sampling.guidance_interval = (0.0, 1.0)
-    c.sampling.grid_classes = 10  # rows of the sample grid (first classes)
-    c.sampling.samples_per_class = 8
-    c.sampling.preview_examples = 4
-    return c
+    """Every field with its default; the experiment files in configs/ change what they need."""
+    return _render(Settings())
 
 
-def _error(field: str, message: str) -> ValueError:
-    return ValueError(f"config.{field}: {message}")
+def evaluator(**fields: Any) -> ml_collections.ConfigDict:
+    """One ``config.evals`` entry: ``EvalSettings`` defaults with ``fields`` changed, e.g.
+    ``config.evals.fd = evaluator(metrics=("fd_fmnist",), every=400, num_samples=500)``."""
+    return _render(EvalSettings(**fields))
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-    """Checks the whole config; raises ``ValueError`` naming the field and the fix."""
-    for field in (
-        "total_steps",
-        "batch_size",
-        "log_every",
-        "checkpoint_every",
-        "sample_every",
-        "keep_checkpoints",
-        "max_consecutive_nonfinite",
-    ):
-        if int(config[field]) < 1:
-            raise _error(field, f"must be a positive integer, got {config[field]}")
-    if config.pyramid.kind not in PYRAMID_KINDS:
-        raise _error("pyramid.kind", f"must be one of {PYRAMID_KINDS}, got {config.pyramid.kind!r}")
-    num_scales = len(config.pyramid.ratios) + 1
-    if len(config.model.patch_sizes) != num_scales:
-        raise _error(
-            "model.patch_sizes",
-            f"{tuple(config.model.patch_sizes)} has {len(config.model.patch_sizes)} entries but "
-            f"pyramid.ratios {tuple(config.pyramid.ratios)} make {num_scales} scales",
-        )
-    for coarse, fine, ratio in zip(
-        config.model.patch_sizes[:-1],
-        config.model.patch_sizes[1:],
-        config.pyramid.ratios,
-        strict=True,
-    ):
-        if fine != coarse * ratio:
-            raise _error(
-                "model.patch_sizes",
-                f"{tuple(config.model.patch_sizes)} do not give equal token grids for pyramid "
-                f"ratios {tuple(config.pyramid.ratios)}: each patch size must be the previous "
-                f"one times the ratio, e.g. {_matching_patches(config)}",
-            )
-    build_objective(config)  # stage_probs length, sum, locations
-    if len(config.objective.stage_probs) != num_scales:
-        raise _error(
-            "objective.stage_probs",
-            f"{tuple(config.objective.stage_probs)} must have one entry per scale ({num_scales})",
-        )
-    # The decomposition itself (kind, ratios); its stds may come from the data later.
-    build_pyramid(config, stds=(1.0,) * num_scales)
-    steps, thresholds = config.sampling.steps_per_stage, config.sampling.thresholds
-    if len(steps) != num_scales or len(thresholds) != num_scales - 1:
-        raise _error(
-            "sampling",
-            f"steps_per_stage {tuple(steps)} and thresholds {tuple(thresholds)} must have "
-            f"{num_scales} and {num_scales - 1} entries for {num_scales} scales",
-        )
-    try:
-        sampling.stage_schedule(tuple(steps), tuple(thresholds))
-    except ValueError as e:
-        raise _error("sampling", str(e)) from e
-    if config.sampling.solver not in sampling.SOLVERS:
-        raise _error(
-            "sampling.solver",
-            f"must be one of {sampling.SOLVERS}, got {config.sampling.solver!r}",
-        )
-    _validate_autoencoder(config)
-    if num_devices is not None:
-        mesh_sizes = parallel.resolve_mesh_shape(dict(config.mesh), num_devices)
-        check_batch_size(config, mesh_sizes[0] * mesh_sizes[1], dict(config.mesh))
+# ------------------------------------------------------------------------------ reading
+
+_SECTION_NAMES = (*Settings._SECTIONS, "evals", "sharding_rules")
 
 
-def _validate_autoencoder(config: ml_collections.ConfigDict) -> None:
-    settings = config.autoencoder
-    if settings.name and settings.name not in autoencoder.PRESETS:
-        raise _error(
-            "autoencoder.name",
-            f"unknown autoencoder {settings.name!r}; use one of {sorted(autoencoder.PRESETS)} "
-            "or '' for pixel space",
-        )
-    if settings.dtype not in ("float32", "bfloat16"):
-        raise _error("autoencoder.dtype", f"must be float32 or bfloat16, got {settings.dtype!r}")
-    if int(settings.decode_tile) < 0:
-        raise _error("autoencoder.decode_tile", f"must be >= 0, got {settings.decode_tile}")
-    if config.data.source == "array_record" and not settings.name:
-        raise _error(
-            "autoencoder.name",
-            "data.source='array_record' trains on autoencoder latents; name the autoencoder "
-            "that encoded them (e.g. sd-vae-ft-ema, flux-ae) so that samples can be decoded",
-        )
+def _field_names(cls: type, prefix: str = "") -> list[str]:
+    names = []
+    hints = _hints(cls)
+    for field in dataclasses.fields(cls):
+        hint = hints[field.name]
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            names += _field_names(hint, f"{prefix}{field.name}.")
+        else:
+            names.append(f"{prefix}{field.name}")
+    return names
 
 
-def check_batch_size(config: ml_collections.ConfigDict, data_parallel: int, mesh_shape) -> None:
-    """Raises unless ``config.batch_size`` splits evenly over the data-parallel devices."""
-    if config.batch_size % data_parallel:
-        raise _error(
-            "batch_size",
-            f"{config.batch_size} is not divisible by the {data_parallel} data-parallel "
-            f"devices of mesh {mesh_shape}; use a multiple of {data_parallel}",
-        )
+def closest_fields(name: str, candidates: list[str]) -> list[str]:
+    """Up to three valid names close to a mistyped one (``difflib``), closest first; a
+    field of the same name in another section too (``data.frame`` -> ``data.frames``)."""
+    leaf = name.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(name, candidates, n=2, cutoff=0.8)
+    close += [c for c in candidates if c.rsplit(".", 1)[-1] == leaf and c not in close]
+    return close[:3]
 
 
-def _matching_patches(config: ml_collections.ConfigDict) -> tuple[int, ...]:
-    patches = [int(config.model.patch_sizes[0])]
-    for ratio in config.pyramid.ratios:
-        patches.append(patches[-1] * ratio)
-    return tuple(patches)
+def _unknown_field_error(name: str, cls: type, prefix: str) -> ConfigError:
+    candidates = [prefix + n for n in _field_names(cls)] + _field_names(Settings)
+    suggestions = closest_fields(prefix + name, sorted(set(candidates)))
+    hint = f"; did you mean {' or '.join(suggestions)}?" if suggestions else ""
+    return ConfigError(f"unknown config field {prefix}{name}{hint}")
 
 
-def build_pyramid(config: ml_collections.ConfigDict, stds=None) -> pyramid.Decomposition:
-    """The decomposition; ``stds`` (e.g. from dataset metadata) when standardising."""
-    p = config.pyramid
-    ratios = tuple(int(r) for r in p.ratios)
-    if p.kind == "haar":
-        if any(r != 2 for r in ratios):
-            raise _error("pyramid.ratios", f"the Haar pyramid has x2 levels only, got {ratios}")
-        decomposition = pyramid.HaarDWT(len(ratios)) if ratios else pyramid.Laplacian(())
-    else:
-        decomposition = pyramid.Laplacian(ratios)
-    if p.standardize:
-        stds = p.stds if p.stds is not None else stds
-        if stds is None:
-            raise _error(
-                "pyramid.stds",
-                "standardize=True needs per-scale stds: set config.pyramid.stds or use a "
-                "prepared dataset whose metadata records them",
-            )
-        decomposition = pyramid.Standardized(decomposition, tuple(stds))
-    return decomposition
-
-
-def pyramid_name(config: ml_collections.ConfigDict) -> str:
-    """Key of this decomposition's per-scale stds in dataset metadata, e.g. "laplacian_2x2"."""
-    ratios = "x".join(str(int(r)) for r in config.pyramid.ratios) or "1"
-    return f"{config.pyramid.kind}_{ratios}"
-
-
-def data_scale_stds(config: ml_collections.ConfigDict, source) -> tuple[float, ...] | None:
-    """Per-scale data stds: ``config.pyramid.stds`` if set, else the dataset's, else None."""
-    if config.pyramid.stds is not None:
-        return tuple(float(s) for s in config.pyramid.stds)
-    return source.scale_stds(pyramid_name(config))
-
-
-def preconditioning_stds(config: ml_collections.ConfigDict, stds) -> tuple[float, ...] | None:
-    """sigma_s as the model sees the scales: 1 when standardised, else the data stds."""
-    if not config.model.preconditioning:
+def _convert(hint: Any, value: Any, name: str) -> Any:
+    """``value`` as the annotated type (lists -> tuples, ints -> floats), or ConfigError."""
+    if value is None:
+        _check(_optional_type(hint) is not None or hint is Any, name, "must be set, got None")
         return None
-    num_scales = len(config.pyramid.ratios) + 1
-    if config.pyramid.standardize:
-        return (1.0,) * num_scales
-    if stds is None:
-        raise _error(
-            "model.preconditioning",
-            "needs per-scale data stds: set config.pyramid.stds or use a prepared dataset "
-            f"whose metadata records stds for {pyramid_name(config)!r}",
+    inner = _optional_type(hint)
+    if inner is not None:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if origin is tuple:
+        _check(isinstance(value, list | tuple), name, f"must be a tuple, got {value!r}")
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, f"{name}[{i}]") for i, v in enumerate(value))
+        _check(len(value) == len(args), name, f"must have {len(args)} entries, got {value!r}")
+        return tuple(
+            _convert(a, v, f"{name}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True))
         )
-    return tuple(stds)
+    if hint is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        _check(ok, name, f"must be a number, got {value!r}")
+        return float(value)
+    if hint is int or hint is bool or hint is str:
+        ok = isinstance(value, hint) and (hint is bool or not isinstance(value, bool))
+        _check(ok, name, f"must be {hint.__name__}, got {value!r}")
+        return value
+    raise TypeError(f"config field {name}: unsupported annotation {hint!r}")
 
 
-def build_objective(config: ml_collections.ConfigDict) -> objective.ObjectiveConfig:
+def _field_message(message: str, fields: set[str], prefix: str) -> str:
+    """``config.<prefix><field>: <rest>`` for a message that starts with a field name
+    (``"solver must be ..."``, ``"thresholds[0] = 1.2 ..."``), else ``config.<section>: ...``."""
+    first, _, rest = message.partition(" ")
+    name = first.rstrip(":")
+    if name in fields or name.split(".", 1)[0] in _SECTION_NAMES:
+        return f"config.{prefix}{name}: {rest}"
+    if name.split("[", 1)[0] in fields:  # an entry of a field: "thresholds[0] = ..."
+        return f"config.{prefix}{message}"
+    return f"config.{prefix.rstrip('.') or 'config'}: {message}"
+
+
+def _read_section(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
+    """An instance of dataclass ``cls`` from a mapping; errors are prefixed with the field."""
+    hints = _hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in raw.items():
+        if name not in fields:
+            raise _unknown_field_error(name, cls, prefix)
+        hint = hints[name]
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            kwargs[name] = _read_section(hint, value, f"{prefix}{name}.")
+        elif name == "evals":
+            kwargs[name] = {
+                key: _read_section(EvalSettings, entry, f"{prefix}evals.{key}.")
+                for key, entry in value.items()
+            }
+        else:
+            kwargs[name] = _convert(hint, value, f"{prefix}{name}")
     try:
-        return objective.ObjectiveConfig(**config.objective.to_dict())
+        return cls(**kwargs)
+    except ValueError as e:  # a section's own check, naming its field first where it can
+        raise ConfigError(_field_message(str(e).removeprefix("config."), fields, prefix)) from None
+
+
+def read(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Settings:
+    """The validated ``Settings`` of an experiment config (a ConfigDict or nested dicts).
+
+    Raises:
+      ConfigError: an unknown field (the message lists the closest valid names), a value
+        of the wrong type, or an invalid value or combination, naming the field.
+    """
+    raw = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+    try:
+        return _read_section(Settings, raw, "")
+    except ConfigError as e:
+        message = str(e)
+        if not message.startswith(("config.", "unknown config field")):
+            message = f"config.{message}"
+        raise ConfigError(message) from None
+
+
+def check_devices(settings: Settings, num_devices: int) -> tuple[int, ...]:
+    """The mesh axis sizes for ``num_devices``; raises unless the batch splits evenly."""
+    try:
+        sizes = parallel.resolve_mesh_shape(settings.mesh.as_dict(), num_devices)
     except ValueError as e:
-        raise ValueError(f"config.objective: {e}") from e
+        raise ConfigError(f"config.mesh: {e}") from None
+    data_parallel = math.prod(sizes[: len(parallel.BATCH_AXES)])
+    check_batch_size(settings.batch_size, data_parallel, "batch_size")
+    return sizes
 
 
-def build_model_config(
-    config: ml_collections.ConfigDict, in_channels: int, num_classes: int, scale_stds=None
-) -> dit.DiTConfig:
-    """The ``DiTConfig`` from ``config.model``; ``scale_stds`` feed preconditioning."""
-    m = config.model
-    overrides: dict[str, Any] = {
-        name: m[name] for name in ("depth", "width", "num_heads") if m[name] is not None
-    }
-    return dit.dit_config(
-        m.size,
-        in_channels=in_channels,
-        num_classes=num_classes,
-        patch_sizes=tuple(m.patch_sizes),
-        positions=m.positions,
-        stage_embedding=m.stage_embedding,
-        preconditioning=m.preconditioning,
-        scale_stds=tuple(scale_stds) if scale_stds is not None else None,
-        attention_impl=m.attention_impl,
-        dtype=m.dtype,
-        remat=m.remat,
-        remat_policy=m.remat_policy,
-        **overrides,
+def check_batch_size(batch_size: int, data_parallel: int, field: str = "batch_size") -> None:
+    """Raises ``ConfigError`` unless ``batch_size`` splits over the data-parallel devices."""
+    _check(
+        batch_size % data_parallel == 0,
+        f"config.{field}",
+        f"{batch_size} is not divisible by the {data_parallel} data-parallel devices; use a "
+        f"multiple of {data_parallel}",
     )
 
 
 def flow_matching_twin(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The single-scale Flow Matching baseline of a DFM config, at equal compute.
 
-    One scale at full resolution with the finest scale's patch size (so the
-    token grid, backbone, batch and optimizer are unchanged), ``p_q = (1,)``,
-    and the same total number of sampling steps.
+    One scale at full resolution with the finest scale's patch size (so the token grid,
+    backbone, batch and optimizer are unchanged), ``p_q = (1,)``, no stage embedding and
+    the same total number of sampling steps.
     """
-    twin = ml_collections.ConfigDict(config.to_dict())
+    twin = copy.deepcopy(config)  # keeps the typed placeholders of unset fields
+    twin.method = "flow_matching"
     twin.pyramid.ratios = ()
     twin.pyramid.stds = None
     twin.objective.stage_probs = (1.0,)

@@ -1,10 +1,19 @@
 """Evaluate a trained model: FID, FDD, IS (and precision/recall, FD-FMNIST) sweeps.
 
+    python -m dfm_jax.eval --config=configs/demo.py --workdir=workdir/demo
     python -m dfm_jax.eval --config=configs/imagenet512.py --workdir=gs://bucket/in512 \\
         --num_samples=50000 --sweep="cfg=1.0,1.25,1.5;tau=0.7,0.9;steps=30+10,20+20" \\
         --metrics=fid,fdd,is --inception_weights=pt_inception-2015-12-05-6726825d.pth \\
         --dinov2_weights=dinov2_vitl14_pretrain.pth --reference=VIRTUAL_imagenet512.npz \\
         --fdd_reference=in512_dinov2.npz
+
+What is evaluated comes from the evaluators the config declares (``config.evals``, see
+``dfm_jax.config.EvalSettings``: metrics, sweep, samples, weights, references), so the
+first command computes the demo's FD-FMNIST with no other flag; ``--evals`` picks some
+of them, and the flags ``--metrics``, ``--sweep``, ``--num_samples``, ``--batch_size``,
+``--seed``, ``--is_splits``, ``--inception_weights``, ``--dinov2_weights``,
+``--reference`` and ``--fdd_reference`` override their fields. A config that declares
+no evaluator gets FID, FDD and IS on 50,000 samples.
 
 Sweep: ``key=v1,v2;key=...`` over ``cfg`` (guidance scale), ``tau`` (thresholds,
 ``/``-separated for three or more scales: ``0.7/0.9``), ``steps`` (per stage,
@@ -19,7 +28,8 @@ point: step, settings, NFE, metrics, generation and feature-extraction images/s,
 seconds), TensorBoard scalars, and optionally ``samples_step<N>_<point>_n<M>.npz``
 (ADM format, ``--save_npz``) and ``samples_step<N>_<point>.png`` (``--save_png=K``).
 Running the same command again skips the points already in ``results.csv`` for
-the same checkpoint step, ``--num_samples``, ``--seed`` and ``--metrics``.
+the same checkpoint step, number of samples, seed and metrics (the points the trainer's
+own evaluations scored included).
 
 Reference statistics (``--reference``): an ADM reference batch (``mu``/``sigma``
 of Inception pool3, and ``arr_0`` images, used for precision/recall), or a file
@@ -46,25 +56,35 @@ images and noise)::
 
     python -m dfm_jax.eval --config=configs/demo.py --workdir=workdir/demo --demo_report
 
-``--num_samples`` defaults to 50000 for sweeps, the whole split for
+``--num_samples`` defaults to the evaluator's for sweeps, the whole split for
 ``--compute_reference`` and 500 for ``--demo_report``. The library behind this
-command is ``dfm_jax.evaluation`` (``run_sweep``, ``compute_reference``,
-``demo_report``). On several hosts run the same command on every host.
+command is ``dfm_jax.evaluation`` (``runner.run_declared`` / ``run_sweep``,
+``references.compute_reference``, ``demo.demo_report``). On several hosts run the
+same command on every host.
 """
 
+from dfm_jax import console  # first: it sets TensorFlow's environment
+
+# isort: split
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from dfm_jax import config as config_lib
 from dfm_jax import parallel
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The trained run's workdir.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-_NUM_SAMPLES = flags.DEFINE_integer(
-    "num_samples", None, "Samples per sweep point (50000) / reference images (all) / demo (500)."
+_EVALS = flags.DEFINE_list(
+    "evals", None, "Evaluators of config.evals to run (default: all declared)."
 )
-_SWEEP = flags.DEFINE_string("sweep", "", "Sweep spec, e.g. 'cfg=1.0,1.5;tau=0.9;steps=30+10'.")
-_METRICS = flags.DEFINE_string("metrics", "fid,fdd,is", "Comma-separated: fid,fdd,is,pr,fd_fmnist.")
+# Overrides of the declared evaluators' fields (dfm_jax.config.EvalSettings); unset flags
+# keep the config's values.
+_NUM_SAMPLES = flags.DEFINE_integer(
+    "num_samples", None, "Samples per sweep point / reference images (all) / demo (500)."
+)
+_SWEEP = flags.DEFINE_string("sweep", None, "Sweep spec, e.g. 'cfg=1.0,1.5;tau=0.9;steps=30+10'.")
+_METRICS = flags.DEFINE_list("metrics", None, "Comma-separated: fid,fdd,is,pr,fd_fmnist.")
 _INCEPTION = flags.DEFINE_string("inception_weights", None, "pytorch-fid Inception weights.")
 _DINOV2 = flags.DEFINE_string("dinov2_weights", None, "DINOv2 weights (file or HF directory).")
 _REFERENCE = flags.DEFINE_string("reference", None, "Reference .npz (ADM batch or ours).")
@@ -73,9 +93,10 @@ _FDD_REFERENCE = flags.DEFINE_string(
 )
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Global batch (default: config's).")
 _SEED = flags.DEFINE_integer("seed", None, "Labels and noise seed (default: config.seed).")
+_IS_SPLITS = flags.DEFINE_integer("is_splits", None, "Inception Score splits (10).")
+# How to run.
 _SAVE_NPZ = flags.DEFINE_bool("save_npz", False, "Save each point's samples as an ADM .npz.")
 _SAVE_PNG = flags.DEFINE_integer("save_png", 0, "Save each point's first N samples as a PNG.")
-_IS_SPLITS = flags.DEFINE_integer("is_splits", 10, "Inception Score splits.")
 _COMPUTE_REFERENCE = flags.DEFINE_string(
     "compute_reference", None, "Write reference statistics of config.data to this .npz."
 )
@@ -101,6 +122,28 @@ _FD_FMNIST_CACHE = flags.DEFINE_string(
     "fd_fmnist_cache", None, "FD-FMNIST classifier cache (default ~/.cache/dfm_jax)."
 )
 
+#: The EvalSettings field each flag overrides.
+_OVERRIDES = (
+    (_NUM_SAMPLES, "num_samples"),
+    (_SWEEP, "sweep"),
+    (_METRICS, "metrics"),
+    (_INCEPTION, "inception_weights"),
+    (_DINOV2, "dinov2_weights"),
+    (_REFERENCE, "reference"),
+    (_FDD_REFERENCE, "fdd_reference"),
+    (_BATCH_SIZE, "batch_size"),
+    (_SEED, "seed"),
+    (_IS_SPLITS, "is_splits"),
+)
+
+
+def _evaluator_overrides() -> dict:
+    """The EvalSettings fields that flags set (metrics as a tuple)."""
+    out = {field: flag.value for flag, field in _OVERRIDES if flag.value is not None}
+    if "metrics" in out:
+        out["metrics"] = tuple(m.strip().lower() for m in out["metrics"] if m.strip())
+    return out
+
 
 def main(argv):
     if len(argv) > 1:
@@ -109,17 +152,18 @@ def main(argv):
         raise app.UsageError("--config is required")
     if _INIT.value and (_COMPUTE_REFERENCE.value or _DEMO_REPORT.value):
         raise app.UsageError("--init evaluates sweeps only, not --compute_reference/--demo_report")
+    settings = config_lib.read(_CONFIG.value)  # the one read of the config
     parallel.maybe_initialize_distributed()
     # Imports JAX backends only after distributed start-up.
-    from dfm_jax import evaluation
+    from dfm_jax.evaluation import demo, runner
 
     if _COMPUTE_REFERENCE.value:
-        _compute_reference(evaluation)
+        _compute_reference(settings)
     elif not _WORKDIR.value:
         raise app.UsageError("--workdir is required (unless --compute_reference)")
     elif _DEMO_REPORT.value:
-        evaluation.demo_report(
-            _CONFIG.value,
+        demo.demo_report(
+            settings,
             _WORKDIR.value,
             num_samples=_NUM_SAMPLES.value or 500,
             step=_STEP.value,
@@ -128,42 +172,37 @@ def main(argv):
             cache_dir=_FD_FMNIST_CACHE.value,
         )
     else:
-        logging.info("Config:\n%s", _CONFIG.value)
-        evaluation.run_sweep(
-            _CONFIG.value,
+        runner.run_declared(
+            settings,
             _WORKDIR.value,
-            sweep=_SWEEP.value,
-            metrics=_METRICS.value,
-            num_samples=_NUM_SAMPLES.value or 50_000,
+            names=_EVALS.value,
+            overrides=_evaluator_overrides(),
             step=_STEP.value,
-            inception_weights=_INCEPTION.value,
-            dinov2_weights=_DINOV2.value,
-            reference=_REFERENCE.value,
-            fdd_reference=_FDD_REFERENCE.value,
-            batch_size=_BATCH_SIZE.value,
-            seed=_SEED.value,
             save_npz=_SAVE_NPZ.value,
             save_png=_SAVE_PNG.value,
-            is_splits=_IS_SPLITS.value,
             fd_fmnist_cache=_FD_FMNIST_CACHE.value,
             init=_INIT.value,
             init_key=_INIT_KEY.value,
         )
 
 
-def _compute_reference(evaluation) -> None:
-    metric_names = evaluation.parse_metrics(_METRICS.value)
-    with_reference = [m for m in metric_names if m in evaluation.REFERENCE_METRICS]
-    evaluation.check_files(
+def _compute_reference(settings) -> None:
+    from dfm_jax.evaluation import evaluators, references, sweep
+
+    metric_names = sweep.parse_metrics(_METRICS.value or ("fid", "fdd", "is"))
+    with_reference = [m for m in metric_names if m in references.REFERENCE_METRICS]
+    references.check_files(
         with_reference,
         weights={"inception": _INCEPTION.value, "dinov2": _DINOV2.value},
         need_reference=False,
     )
-    extractors = evaluation.build_extractors(
-        with_reference, inception_weights=_INCEPTION.value, dinov2_weights=_DINOV2.value
+    extractors = evaluators.build_extractors(
+        with_reference,
+        inception_weights=_INCEPTION.value or "",
+        dinov2_weights=_DINOV2.value or "",
     )
-    counts = evaluation.compute_reference(
-        _CONFIG.value,
+    counts = references.compute_reference(
+        settings,
         _COMPUTE_REFERENCE.value,
         metric_names,
         extractors,
@@ -176,4 +215,4 @@ def _compute_reference(evaluation) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    console.run(main)

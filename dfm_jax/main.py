@@ -9,9 +9,15 @@ with the same workdir resumes from its newest checkpoint. On several hosts run
 the same command on every host (see ``launch/``).
 """
 
+from dfm_jax import console  # first: it sets TensorFlow's environment
+
+# isort: split
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from dfm_jax import config as config_lib
 from dfm_jax import parallel
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
@@ -22,12 +28,15 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    settings = config_lib.read(_CONFIG.value)  # the one read of the config
     parallel.maybe_initialize_distributed()
-    from dfm_jax.training import loop
+    from dfm_jax.training import loop  # imports JAX backends only after distributed start-up
 
-    logging.info("Config:\n%s", _CONFIG.value)
-    loop.run(_CONFIG.value, _WORKDIR.value)
+    overrides = [arg for arg in sys.argv[1:] if arg.startswith("--config.")]
+    path = config_flags.get_config_filename(flags.FLAGS["config"])
+    logging.info("Config %s%s", path, f" with {' '.join(overrides)}" if overrides else "")
+    loop.run(settings, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    console.run(main)

@@ -45,6 +45,20 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
+def check_mesh_shape(mesh_shape: Mapping[str, int]) -> tuple[int, ...]:
+    """The ``MESH_AXES`` sizes as given (-1 kept); raises ``ValueError`` for unknown axis
+    names, more than one -1, or sizes that are neither positive nor -1."""
+    unknown = set(mesh_shape) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"unknown mesh axes {sorted(unknown)}; the axes are {MESH_AXES}")
+    sizes = tuple(int(mesh_shape.get(axis, 1)) for axis in MESH_AXES)
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {dict(mesh_shape)}")
+    if any(size == 0 or size < -1 for size in sizes):
+        raise ValueError(f"mesh axis sizes must be positive or -1, got {dict(mesh_shape)}")
+    return sizes
+
+
 def resolve_mesh_shape(mesh_shape: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
     """Sizes of the ``MESH_AXES`` for ``num_devices``; one size may be -1 (the rest).
 
@@ -52,14 +66,7 @@ def resolve_mesh_shape(mesh_shape: Mapping[str, int], num_devices: int) -> tuple
       ValueError: unknown axis names, more than one -1, or sizes whose product is
         not the number of devices.
     """
-    unknown = set(mesh_shape) - set(MESH_AXES)
-    if unknown:
-        raise ValueError(f"unknown mesh axes {sorted(unknown)}; the axes are {MESH_AXES}")
-    sizes = [int(mesh_shape.get(axis, 1)) for axis in MESH_AXES]
-    if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got {dict(mesh_shape)}")
-    if any(size == 0 or size < -1 for size in sizes):
-        raise ValueError(f"mesh axis sizes must be positive or -1, got {dict(mesh_shape)}")
+    sizes = list(check_mesh_shape(mesh_shape))
     known = math.prod(size for size in sizes if size != -1)
     if -1 in sizes:
         if num_devices % known:
@@ -155,6 +162,56 @@ def make_global_batch(batch: Any, mesh: Mesh, data_axes: str | Sequence[str] = (
         return jax.make_array_from_process_local_data(sharding, local)
 
     return jax.tree.map(to_global, batch)
+
+
+#: The sample id of a padding row (real rows have ids >= 0).
+PADDING_ID = -1
+
+
+def pad_batch(
+    arrays: Mapping[str, Any], size: int, *, first_id: int | None = None, id_key: str = "id"
+) -> dict[str, np.ndarray]:
+    """Pads host arrays of ``n <= size`` rows to a fixed batch of ``size`` rows.
+
+    A fixed batch size keeps one compiled program for a ragged last batch. Every
+    array ``(n, ...)`` (the same ``n``) becomes ``(size, ...)`` of its dtype, rows
+    ``n:`` zero. With ``first_id``, ``batch[id_key]`` is added: int32 ``(size,)``
+    sample ids ``first_id, ..., first_id + n - 1``, then ``PADDING_ID`` (-1) on
+    the padding rows, so consumers can drop them (``ids >= 0``).
+
+    Turn the result into global arrays with ``global_from_host`` when every
+    process holds the same batch, or ``make_global_batch`` when each process
+    holds its own local part.
+    """
+    arrays = {name: np.asarray(values) for name, values in arrays.items()}
+    rows = {len(values) for values in arrays.values()}
+    if len(rows) > 1 or (rows and max(rows) > size):
+        raise ValueError(f"cannot pad arrays of {sorted(rows)} rows to one batch of {size}")
+    count = rows.pop() if rows else 0
+    padded = {}
+    for name, values in arrays.items():
+        if count == size:
+            padded[name] = np.ascontiguousarray(values)
+            continue
+        padded[name] = np.zeros((size, *values.shape[1:]), values.dtype)
+        padded[name][:count] = values
+    if first_id is not None:
+        if id_key in padded:
+            raise ValueError(f"pad_batch got both first_id and an {id_key!r} array")
+        ids = np.full(size, PADDING_ID, np.int32)
+        ids[:count] = np.arange(first_id, first_id + count)
+        padded[id_key] = ids
+    return padded
+
+
+def global_from_host(values: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A global array placed by ``sharding`` from a host array every process holds whole.
+
+    Each process builds only its addressable shards (``jax.make_array_from_callback``);
+    unlike ``make_global_batch``, the host array is the whole global value.
+    """
+    values = np.asarray(values)
+    return jax.make_array_from_callback(values.shape, sharding, lambda index: values[index])
 
 
 def maybe_initialize_distributed() -> None:

@@ -31,6 +31,9 @@ on a shared file system; each process encodes its own shards on its own devices.
 The library behind this command is ``dfm_jax.preparation``.
 """
 
+from dfm_jax import console  # first: it sets TensorFlow's environment
+
+# isort: split
 from absl import app, flags, logging
 
 from dfm_jax import parallel
@@ -71,7 +74,7 @@ _BATCH_SIZE = flags.DEFINE_integer(
 _PYRAMIDS = flags.DEFINE_list(
     "pyramids",
     "laplacian_1,laplacian_2,laplacian_4,laplacian_2x2,haar_2",
-    "Pyramids (config_lib.pyramid_name) whose per-scale stds go into the metadata.",
+    "Pyramids (dfm_jax.method.pyramid.metadata_name) whose per-scale stds go into the metadata.",
 )
 _STATS_EXAMPLES = flags.DEFINE_integer(
     "stats_examples", 10_000, "Random records the per-scale stds are measured on."
@@ -129,4 +132,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    console.run(main)

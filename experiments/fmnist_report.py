@@ -23,9 +23,11 @@ import numpy as np
 
 from configs import study_fmnist
 from dfm_jax import config as config_lib
+from dfm_jax import data
 from dfm_jax.evaluation import results
-from dfm_jax.models import dit
 from dfm_jax.training import perf
+from dfm_jax.training import setup as setup_lib
+from dfm_jax.utils import files
 
 NUM_SAMPLES = 500  # FD-FMNIST samples per point (biased upwards at this size; equal for all)
 CFGS = ("1.0", "1.5")
@@ -72,13 +74,9 @@ def steps_to_reach(curve: dict[int, float], target: float) -> float | None:
 
 def train_flops_per_example(variant: str) -> float:
     """Analytic training FLOPs per example (forward + backward) of a study variant."""
-    config = study_fmnist.get_config(variant)
-    decomposition = config_lib.build_pyramid(config)
-    shape = (config.data.resolution, config.data.resolution, config.data.channels)
-    model = config_lib.build_model_config(config, config.data.channels, config.data.num_classes)
-    return perf.TRAIN_FLOPS_PER_FORWARD * dit.forward_flops(
-        model, decomposition.scale_shapes(shape)
-    )
+    settings = config_lib.read(study_fmnist.get_config(variant))
+    method = setup_lib.build_method(settings, data.data_spec(settings.data))
+    return perf.TRAIN_FLOPS_PER_FORWARD * method.forward_flops()
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
@@ -235,10 +233,7 @@ def write_report(runs, root: str, out_dir: str, total_steps: int) -> str:
             "",
         ]
     path = os.path.join(out_dir, REPORT)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines))
-    os.replace(tmp, path)
+    files.atomic_write_text(path, "\n".join(lines))
     return path
 
 

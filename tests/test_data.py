@@ -1,5 +1,6 @@
 """Tests of dfm_jax.data: sources, serialisation, pipelines and global batches."""
 
+import dataclasses
 import gzip
 import io
 import json
@@ -17,10 +18,16 @@ from etils import epath
 from jax.sharding import PartitionSpec
 from PIL import Image
 
+from dfm_jax import config as config_lib
 from dfm_jax import data, parallel
 from dfm_jax.data import fashion_mnist, record_format
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _make_source(fields: dict) -> data.Source:
+    """``data.make_source`` of the data settings with ``fields`` (the rest default)."""
+    return data.make_source(config_lib.DataSettings(**fields))
 
 
 def _idx_bytes(array, type_code=0x08):
@@ -133,7 +140,7 @@ def test_fashion_mnist_from_idx_files(tmp_path, gz):
 
 def test_fashion_mnist_padding_to_32(tmp_path):
     images, _ = _fake_fashion_mnist(tmp_path, n=3)
-    source = data.make_source({"source": "fashion_mnist", "dir": str(tmp_path), "resolution": 32})
+    source = _make_source({"source": "fashion_mnist", "dir": str(tmp_path), "resolution": 32})
     image = source[1]["image"]
     assert image.shape == (32, 32, 1) == source.example_shape
     np.testing.assert_allclose(image[2:30, 2:30, 0], images[1] / 127.5 - 1.0, atol=1e-6)
@@ -156,7 +163,7 @@ def test_fashion_mnist_validates_files(tmp_path):
 
 def test_fashion_mnist_missing_names_paths_and_fix(tmp_path):
     with pytest.raises(data.DataNotFoundError) as info:
-        data.make_source({"source": "fashion_mnist", "dir": str(tmp_path / "nope")})
+        _make_source({"source": "fashion_mnist", "dir": str(tmp_path / "nope")})
     message = str(info.value)
     assert str(tmp_path / "nope") in message
     assert "apt-get install dataset-fashion-mnist" in message
@@ -179,7 +186,7 @@ def test_fashion_mnist_download_falls_back_to_tfds(tmp_path):
     reason="Debian package dataset-fashion-mnist not installed",
 )
 def test_real_fashion_mnist_files():
-    train = data.make_source({"source": "fashion_mnist", "resolution": 32})
+    train = _make_source({"source": "fashion_mnist", "resolution": 32})
     assert len(train) == 60000 and train.origin == fashion_mnist.DEBIAN_DIR
     labels = train._labels
     assert labels.min() == 0 and labels.max() == 9
@@ -210,7 +217,7 @@ def test_synthetic_is_deterministic_and_structured():
 
 
 def test_synthetic_video_and_config():
-    source = data.make_source(
+    source = _make_source(
         {
             "source": "synthetic",
             "resolution": 8,
@@ -252,7 +259,7 @@ def test_image_folder_labels_crop_and_corrupt_files(tmp_path, caplog):
     (root / "mango" / "notes.txt").write_text("ignored: not an image extension")
 
     with caplog.at_level(logging.WARNING):
-        source = data.make_source(
+        source = _make_source(
             {"source": "image_folder", "dir": str(tmp_path), "split": "train", "resolution": 16}
         )
     warnings = [r for r in caplog.records if "skipped" in r.getMessage()]
@@ -300,7 +307,7 @@ def test_image_folder_errors(tmp_path):
     with pytest.raises(data.DataNotFoundError, match="no class subfolders"):
         data.ImageFolderSource(tmp_path, resolution=8)
     with pytest.raises(data.DataNotFoundError, match=r"--config.data.dir"):
-        data.make_source({"source": "image_folder", "resolution": 8})
+        _make_source({"source": "image_folder", "resolution": 8})
 
 
 # ----------------------------------------------------------------------------- TFDS
@@ -308,7 +315,7 @@ def test_image_folder_errors(tmp_path):
 
 def test_tfds_source_with_mock_data():
     with tfds.testing.mock_data(num_examples=12):
-        cifar = data.make_source(
+        cifar = _make_source(
             {
                 "source": "tfds",
                 "dir": "",
@@ -341,11 +348,11 @@ def test_tfds_errors():
         with pytest.raises(ValueError, match="no image feature 'img'"):
             data.TfdsSource("cifar10", image_key="img")
         with pytest.raises(ValueError, match="has 10 classes"):
-            data.make_source({"source": "tfds", "tfds_name": "cifar10", "num_classes": 100})
+            _make_source({"source": "tfds", "tfds_name": "cifar10", "num_classes": 100})
         unconditional = data.TfdsSource("cifar10", label_key="")
         assert unconditional.num_classes == 1 and unconditional[0]["label"] == 0
     with pytest.raises(ValueError, match="tfds_name"):
-        data.make_source({"source": "tfds"})
+        _make_source({"source": "tfds"})
 
 
 # ----------------------------------------------------------------------------- latents
@@ -404,7 +411,7 @@ def test_latent_array_record_round_trip(tmp_path, dtype):
         "latents-00001-of-00002.array_record",
         "metadata.json",
     ]  # no temp files left behind
-    source = data.make_source(
+    source = _make_source(
         {"source": "array_record", "dir": str(tmp_path), "split": "train", "num_classes": 3}
     )
     assert source.metadata == metadata == data.read_metadata(tmp_path / "train")
@@ -457,7 +464,7 @@ def test_latent_writer_and_reader_errors(tmp_path):
         )
     assert os.listdir(tmp_path) == []  # failed writes leave nothing
     with pytest.raises(data.DataNotFoundError, match=r"metadata.json.*dfm_jax.prepare"):
-        data.make_source({"source": "array_record", "dir": str(tmp_path)})
+        _make_source({"source": "array_record", "dir": str(tmp_path)})
     _write_latents(
         tmp_path / "d",
         _latent_examples(4, (2, 2, 1), np.float32, False),
@@ -716,42 +723,52 @@ def test_global_batch_errors():
         parallel.make_global_batch({"x": np.zeros((6, 2))}, mesh, "data")
 
 
+def test_pad_batch_marks_padding_and_builds_global_arrays():
+    images = np.arange(3 * 2, dtype=np.uint8).reshape(3, 2)
+    host = parallel.pad_batch({"image": images}, 8, first_id=5)
+    assert host["image"].dtype == np.uint8 and host["image"].shape == (8, 2)
+    np.testing.assert_array_equal(host["image"][:3], images)
+    assert not host["image"][3:].any()
+    np.testing.assert_array_equal(host["id"], [5, 6, 7, -1, -1, -1, -1, -1])
+    assert host["id"].dtype == np.int32 and parallel.PADDING_ID == -1
+    empty = parallel.pad_batch({"x": np.zeros((0, 4), np.float32)}, 2, first_id=0)
+    assert empty["x"].shape == (2, 4) and list(empty["id"]) == [-1, -1]
+    full = parallel.pad_batch({"x": np.ones((2, 1))}, 2)
+    assert set(full) == {"x"} and full["x"].shape == (2, 1)
+    with pytest.raises(ValueError, match="cannot pad"):
+        parallel.pad_batch({"x": np.zeros((3,)), "y": np.zeros((2,))}, 4)
+    with pytest.raises(ValueError, match="cannot pad"):
+        parallel.pad_batch({"x": np.zeros((5,))}, 4)
+
+    mesh = jax.make_mesh((4, 2), ("data", "model"))
+    sharding = parallel.batch_sharding(mesh, "data")
+    ids = parallel.global_from_host(host["id"], sharding)
+    assert ids.shape == (8,) and ids.sharding == sharding
+    np.testing.assert_array_equal(np.asarray(ids), host["id"])
+
+
 # ----------------------------------------------------------------------------- dispatcher
 
 
 def test_make_source_errors():
     with pytest.raises(ValueError) as info:
-        data.make_source({"source": "imagenet"})
+        _make_source({"source": "imagenet"})
     for name in ("fashion_mnist", "synthetic", "image_folder", "tfds", "array_record"):
         assert name in str(info.value)
     with pytest.raises(data.DataNotFoundError, match=r"--config.data.dir"):
-        data.make_source({"source": "array_record"})
+        _make_source({"source": "array_record"})
     with pytest.raises(ValueError, match="grayscale"):
-        data.make_source({"source": "fashion_mnist", "channels": 3})
+        _make_source({"source": "fashion_mnist", "channels": 3})
 
 
-def test_make_source_reads_config_dict(tmp_path):
-    import ml_collections
-
+def test_make_source_reads_the_data_settings(tmp_path):
     _fake_fashion_mnist(tmp_path, n=4)
-    config = ml_collections.ConfigDict(
-        {
-            "source": "fashion_mnist",
-            "dir": str(tmp_path),
-            "split": "train",
-            "resolution": 32,
-            "channels": 1,
-            "num_classes": 10,
-            "download": False,
-            "tfds_name": "",
-            "image_key": "image",
-            "label_key": "label",
-            "latent_sample": True,
-        }
-    )
-    source = data.make_source(config)
+    settings = config_lib.read(
+        {"data": {"source": "fashion_mnist", "dir": str(tmp_path), "resolution": 32}}
+    ).data
+    assert settings.channels is None and settings.num_classes is None  # the dataset's own
+    source = data.make_source(settings)
     assert source.example_shape == (32, 32, 1) and source.num_classes == 10 and len(source) == 4
     assert source.scale_stds("laplacian-16-32") is None  # pixel sources store no statistics
-    config.num_classes = 5
     with pytest.raises(ValueError, match="num_classes=5"):
-        data.make_source(config)
+        data.make_source(dataclasses.replace(settings, num_classes=5))

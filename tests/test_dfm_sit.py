@@ -24,13 +24,15 @@ import dfm_sit_reference as reference_lib  # noqa: E402
 import train_utils  # noqa: E402
 
 from dfm_jax import config as config_lib  # noqa: E402
-from dfm_jax.evaluation import FeatureExtractor, class_balanced_labels, run_sweep, runner  # noqa: E402
-from dfm_jax.evaluation.extraction import to_uint8  # noqa: E402
+from dfm_jax.evaluation import runner  # noqa: E402
+from dfm_jax.evaluation.features import FeatureExtractor  # noqa: E402
+from dfm_jax.evaluation.point import class_balanced_labels  # noqa: E402
 from dfm_jax.method import generation as generate_lib  # noqa: E402
 from dfm_jax.method import sampling  # noqa: E402
 from dfm_jax.models import dit  # noqa: E402
 from dfm_jax.models.dit import DiT, DiTConfig  # noqa: E402
 from dfm_jax.training import setup as setup_lib  # noqa: E402
+from dfm_jax.utils.viz import to_uint8  # noqa: E402
 from dfm_jax.weights import dfm_sit, files  # noqa: E402
 
 WIDTH, HEADS, DEPTH, PATCHES, C, CLASSES = 64, 4, 2, (1, 2), 4, 10
@@ -205,15 +207,8 @@ def test_sampling_matches_official_euler_sampler(reference, cfg_scale):
         def velocity_fn(scales, t, mask, y):
             return DiT(cfg).apply({"params": params}, scales, t, mask, y)
 
-        return sampling.sample(
-            velocity_fn,
-            noise,
-            labels,
-            steps_per_stage=steps,
-            thresholds=(tau,),
-            cfg_scale=cfg_scale,
-            null_label=CLASSES,
-        )
+        settings = sampling.SamplerSettings(steps, (tau,), cfg_scale=cfg_scale)
+        return sampling.sample(velocity_fn, noise, labels, settings, null_label=CLASSES)
 
     got = ours(params, noise, labels)
     expected = reference_lib.official_euler_sample(
@@ -354,9 +349,10 @@ def test_repa_projectors_are_skipped_and_params_fit_the_model(reference):
 def test_released_config_matches_the_official_xl_layout(monkeypatch):
     """configs/imagenet512_dfm_sit.py against DFM-SiT-XL/2 at 512 px (meta tensors: no memory)."""
     monkeypatch.syspath_prepend(str(train_utils.REPO))
-    config = importlib.import_module("configs.imagenet512_dfm_sit").get_config()
-    config_lib.validate(config)
-    cfg = config_lib.build_model_config(config, config.data.channels, config.data.num_classes)
+    config = config_lib.read(importlib.import_module("configs.imagenet512_dfm_sit").get_config())
+    cfg = config.model.architecture(
+        in_channels=config.data.channels, num_classes=config.data.num_classes, scale_stds=None
+    )
     with torch.device("meta"):
         ref = reference_lib.DFMSiTReference(
             width=1152,
@@ -395,7 +391,9 @@ def _logits_extractor(pixels: int, classes: int = 5) -> FeatureExtractor:
 
 def test_eval_init_evaluates_the_imported_ema_weights(tmp_path, monkeypatch):
     # The tiny trainer config made DFM-SiT-shaped: 8x8x1 pixels, scales 4 and 8.
-    config = train_utils.tiny_config({"model.positions": "sincos", "model.stage_embedding": False})
+    config = train_utils.tiny_settings(
+        {"model.positions": "sincos", "model.stage_embedding": False}
+    )
     tiny = dict(width=32, heads=2, depth=1, patch_sizes=(1, 2), channels=1, num_classes=4)
     model_sd = state_dict(make_reference(seed=5, input_size=8, **tiny))
     ema_sd = state_dict(make_reference(seed=6, input_size=8, **tiny))
@@ -417,14 +415,12 @@ def test_eval_init_evaluates_the_imported_ema_weights(tmp_path, monkeypatch):
 
     monkeypatch.setattr(runner, "import_params", recording)
     workdir = str(tmp_path / "results")
-    rows = run_sweep(
+    evaluator = config_lib.EvalSettings(metrics=("is",), num_samples=8, batch_size=8, is_splits=1)
+    rows = runner.run_sweep(
         config,
         workdir,
+        evaluator,
         init=path,
-        metrics="is",
-        num_samples=8,
-        batch_size=8,
-        is_splits=1,
         extractors={"inception": _logits_extractor(8 * 8)},
         save_npz=True,
         print_summary=False,
@@ -440,13 +436,7 @@ def test_eval_init_evaluates_the_imported_ema_weights(tmp_path, monkeypatch):
         np.testing.assert_array_equal(np.asarray(a), b)
 
     # The saved samples are those of the EMA weights (and not of the raw ones).
-    generate = generate_lib.make_generate_fn(
-        setup.model,
-        setup.step_config.decomposition,
-        setup.example_shape,
-        config.sampling,
-        null_label=setup.num_classes,
-    )
+    generate = generate_lib.make_generate_fn(setup.method, config.sampling.sampler())
     labels = class_balanced_labels(8, setup.num_classes, config.seed)
     key = jax.random.fold_in(jax.random.key(config.seed), 0)
     images = {
@@ -464,10 +454,10 @@ def test_eval_init_evaluates_the_imported_ema_weights(tmp_path, monkeypatch):
             assert diff.mean() > 5, diff.mean()
 
     with pytest.raises(FileNotFoundError, match=r"--init=.*nope\.pt does not exist"):
-        run_sweep(
+        runner.run_sweep(
             config,
             workdir,
+            evaluator,
             init=str(tmp_path / "nope.pt"),
-            metrics="is",
             extractors={"inception": _logits_extractor(8 * 8)},
         )

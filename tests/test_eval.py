@@ -12,6 +12,7 @@ the real networks run through.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import os
 import re
@@ -24,26 +25,25 @@ import numpy as np
 import pytest
 import train_utils
 
+from dfm_jax import config as config_lib
 from dfm_jax import data, parallel
-from dfm_jax.evaluation import (
-    FeatureExtractor,
-    class_balanced_labels,
-    compute_reference,
-    demo_report,
-    dinov2_extractor,
-    fd_fmnist_extractor,
-    metrics,
-    parse_metrics,
-    parse_sweep,
-    run_sweep,
-)
+from dfm_jax.evaluation import metrics
 from dfm_jax.evaluation import results as results_lib
 from dfm_jax.evaluation import runner as runner_lib
-from dfm_jax.evaluation.extraction import global_from_host
+from dfm_jax.evaluation.demo import demo_report
 from dfm_jax.evaluation.fd_fmnist import FdFmnist, TrainingSettings
-from dfm_jax.evaluation.features import METRICS
+from dfm_jax.evaluation.features import (
+    METRICS,
+    FeatureExtractor,
+    dinov2_extractor,
+    fd_fmnist_extractor,
+)
+from dfm_jax.evaluation.point import class_balanced_labels
+from dfm_jax.evaluation.references import compute_reference
 from dfm_jax.evaluation.scores import IDS_KEY, InceptionScoreStream, local_rows
+from dfm_jax.evaluation.sweep import parse_metrics, parse_sweep
 from dfm_jax.method import generation as generate_lib
+from dfm_jax.method import sampling
 from dfm_jax.models.dinov2 import DINOv2, DINOv2Config
 from dfm_jax.training import checkpoint
 from dfm_jax.training import setup as setup_lib
@@ -61,9 +61,19 @@ def _compile_cache():
 
 
 def _sampling(steps=(30, 10), thresholds=(0.9,)):
-    config = train_utils.demo_config().sampling
-    config.steps_per_stage, config.thresholds = steps, thresholds
-    return config
+    return config_lib.SamplingSettings(steps_per_stage=steps, thresholds=thresholds)
+
+
+_EVAL_FIELDS = {field.name for field in dataclasses.fields(config_lib.EvalSettings)}
+
+
+def run_sweep(settings, workdir, **keywords):
+    """``runner.run_sweep`` with the ``EvalSettings`` fields given as keywords too."""
+    fields = {k: v for k, v in keywords.items() if k in _EVAL_FIELDS}
+    if isinstance(fields.get("metrics"), str):
+        fields["metrics"] = tuple(fields["metrics"].split(","))
+    options = {k: v for k, v in keywords.items() if k not in _EVAL_FIELDS}
+    return runner_lib.run_sweep(settings, workdir, config_lib.EvalSettings(**fields), **options)
 
 
 def test_parse_sweep_product_and_canonical_columns():
@@ -89,9 +99,9 @@ def test_parse_sweep_product_and_canonical_columns():
     assert points[1].solver == "heun" and points[1].cfg_scale == 1.0  # last key varies fastest
     assert points[0].steps_per_stage == (30, 10) and points[0].thresholds == (0.7,)
     assert points[0].nfe == 40 and points[-2].nfe == 80  # guidance doubles the evaluations
-    config = points[-1].sampling_config(_sampling())
-    assert tuple(config.steps_per_stage) == (20, 20) and config.solver == "heun"
-    assert config.cfg_scale == 1.5 and config.grid_classes == _sampling().grid_classes
+    last = points[-1]  # a point is the sampler's own settings
+    assert isinstance(last, sampling.SamplerSettings) and last.steps_per_stage == (20, 20)
+    assert last.solver == "heun" and last.cfg_scale == 1.5 and last.thresholds == (0.9,)
 
 
 def test_parse_sweep_defaults_three_scales_and_flow_matching():
@@ -178,8 +188,8 @@ def test_local_rows_takes_each_row_once_and_drops_padding():
     ids = np.asarray([0, 1, 2, 3, 4, 5, -1, -1], np.int32)
     features = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)
     outputs = {
-        IDS_KEY: global_from_host(ids, sharding),
-        "x": global_from_host(features, sharding),
+        IDS_KEY: parallel.global_from_host(ids, sharding),
+        "x": parallel.global_from_host(features, sharding),
     }
     row_ids, blocks = local_rows(outputs)
     order = np.argsort(row_ids)
@@ -266,7 +276,7 @@ def random_checkpoint(config, workdir: str, steps=(1, 2)) -> None:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """The config, a workdir with checkpoints of steps 1 and 2, and stand-in extractors."""
-    config = train_utils.tiny_config(TINY32)
+    config = train_utils.tiny_settings(TINY32)
     workdir = str(tmp_path_factory.mktemp("eval_run"))
     random_checkpoint(config, workdir)
     extractors = {"inception": fake_inception(32 * 32), "dinov2": tiny_dinov2()}

@@ -15,7 +15,9 @@ import train_utils
 from PIL import Image
 from test_eval import fake_inception
 
-from dfm_jax import data, evaluation
+from dfm_jax import config as config_lib
+from dfm_jax import data
+from dfm_jax.evaluation import runner
 from dfm_jax.preparation import PrepareOptions
 from dfm_jax.preparation import run as prepare
 from dfm_jax.training import decoding, loop
@@ -69,14 +71,15 @@ def latents(tmp_path_factory):
 
 
 def test_prepared_dataset_feeds_the_trainer(latents):
-    source = data.make_source(train_utils.tiny_config({**LATENT_CONFIG, "data.dir": latents}).data)
+    settings = train_utils.tiny_settings({**LATENT_CONFIG, "data.dir": latents})
+    source = data.make_source(settings.data)
     assert (len(source), source.example_shape, source.num_classes) == (8, (8, 8, 4), 2)
     stds = source.scale_stds("laplacian_2")
     assert len(stds) == 2 and all(s > 0 for s in stds)
 
 
 def test_train_two_steps_then_sample_and_decode(latents, tmp_path):
-    config = train_utils.tiny_config({**LATENT_CONFIG, "data.dir": latents})
+    config = train_utils.tiny_settings({**LATENT_CONFIG, "data.dir": latents})
     workdir = str(tmp_path / "run")
     state = loop.run(config, workdir)
     assert int(state.step) == 2
@@ -89,13 +92,10 @@ def test_train_two_steps_then_sample_and_decode(latents, tmp_path):
         assert strip.mode == "RGB"
 
     # Evaluation decodes with the configured autoencoder before the feature network.
-    rows = evaluation.run_sweep(
+    rows = runner.run_sweep(
         config,
         workdir,
-        sweep="cfg=1.0",
-        metrics="is",
-        num_samples=8,
-        is_splits=1,
+        config_lib.EvalSettings(metrics=("is",), sweep="cfg=1.0", num_samples=8, is_splits=1),
         extractors={"inception": fake_inception(16 * 16 * 3)},
         print_summary=False,
     )
@@ -103,7 +103,7 @@ def test_train_two_steps_then_sample_and_decode(latents, tmp_path):
 
 
 def test_autoencoder_must_match_the_dataset(latents):
-    config = train_utils.tiny_config(
+    config = train_utils.tiny_settings(
         {**LATENT_CONFIG, "data.dir": latents, "autoencoder.name": "sd-vae-ft-ema"}
     )
     with pytest.raises(ValueError, match="was encoded with 'tiny'"):
@@ -111,11 +111,13 @@ def test_autoencoder_must_match_the_dataset(latents):
 
 
 def test_missing_autoencoder_weights_stop_evaluation_but_not_training(latents):
-    config = train_utils.tiny_config({**LATENT_CONFIG, "data.dir": latents})
-    config.autoencoder.name = "flux-ae"  # metadata says tiny: checked before any weights
+    # metadata says tiny: checked before any weights
+    config = train_utils.tiny_settings(
+        {**LATENT_CONFIG, "data.dir": latents, "autoencoder.name": "flux-ae"}
+    )
     with pytest.raises(ValueError, match="was encoded with 'tiny'"):
         setup_lib.build(config)
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-    assert decoding.load_codec(config, mesh, required=False) is None
+    assert decoding.load_codec(config.autoencoder, mesh, required=False) is None
     with pytest.raises(ValueError, match=r"autoencoder\.weights is empty"):
-        decoding.load_codec(config, mesh, required=True)
+        decoding.load_codec(config.autoencoder, mesh, required=True)

@@ -112,7 +112,7 @@ def test_two_processes_match_one_process(tmp_path):
     assert f"step {STEPS}/{STEPS} | loss" in logs[0]
     assert os.path.isfile(workdir / "samples" / f"step_{STEPS:08d}_grid.png")
 
-    config = train_utils.tiny_config(RUN)
+    config = train_utils.tiny_settings(RUN)
     setup, reference = _reference_run(config)
     manager = checkpoint.Checkpointer(workdir / "checkpoints", async_save=False)
     try:

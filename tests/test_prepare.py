@@ -25,6 +25,7 @@ from dfm_jax.data import common, latents, record_format
 from dfm_jax.models import autoencoder
 from dfm_jax.preparation import run as prepare_run
 from dfm_jax.preparation import runner, shards, stats
+from dfm_jax.training import setup as setup_lib
 
 RESOLUTION = 16
 CLASSES = ("cat", "dog", "eel")
@@ -176,15 +177,14 @@ def test_plan_shards_and_ownership():
         shards.plan_shards(3, images_per_shard=1, num_shards=1)
 
 
-def test_pyramid_names_match_configlib():
+def test_pyramid_names_match_the_config():
     for name in (*PYRAMIDS, "haar_2x2", "haar_1"):
         p = stats.pyramid_from_name(name)
         kind, _, ratios = name.partition("_")
-        config = config_lib.base_config()
-        config.pyramid.kind = kind
-        config.pyramid.ratios = () if ratios == "1" else tuple(int(r) for r in ratios.split("x"))
-        assert config_lib.pyramid_name(config) == name
-        assert p == config_lib.build_pyramid(config)
+        ratios = () if ratios == "1" else tuple(int(r) for r in ratios.split("x"))
+        settings = config_lib.PyramidSettings(kind=kind, ratios=ratios)
+        assert settings.name == name
+        assert p == setup_lib.build_decomposition(settings, stds=None)
     for bad in ("laplacian", "dct_2", "laplacian_2x", "haar_4", "laplacian_02"):
         with pytest.raises(ValueError):
             stats.pyramid_from_name(bad)

@@ -8,16 +8,20 @@ recomposed image, up to the solver's discretisation error.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dfm_jax.method import generation, methods, objective, sampling, schedule, solvers
 from dfm_jax.method import pyramid as pyramid_lib
-from dfm_jax.method import sampling
+
+Settings = sampling.SamplerSettings
 
 # Schedule
 # --------------------------------------------------------------------------- #
@@ -169,7 +173,7 @@ def reference_sample(
         return x
     previews = [np.asarray(pyr.preview(xhats[k], k)) for k in range(1, num_stages)]
     previews.append(np.asarray(pyr.recompose(x)))
-    return x, previews
+    return x, previews, [xhats[k] for k in range(1, num_stages)]
 
 
 def make_noise(key, pyr, shape):
@@ -196,25 +200,29 @@ def test_sampler_matches_reference_loop(pyr, steps, thresholds, solver, cfg, int
         functools.partial(
             sampling.sample,
             jax_toy_velocity,
-            steps_per_stage=steps,
-            thresholds=thresholds,
-            solver=solver,
-            cfg_scale=cfg,
-            guidance_interval=interval,
+            settings=Settings(steps, thresholds, solver, cfg, interval),
             null_label=NULL,
-            pyramid=pyr,
             return_previews=True,
         )
     )
-    out, previews = fn(noise, labels)
-    ref, ref_previews = reference_sample(
+    out, predicted = fn(noise, labels)
+    ref, ref_previews, ref_predicted = reference_sample(
         noise, labels, steps, thresholds, solver, cfg, interval, pyr
     )
     assert len(out) == len(steps)
     for got, want, e in zip(out, ref, noise):
         assert got.shape == e.shape and got.dtype == jnp.float32
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
-    # Previews: one per stage at that stage's resolution; equal to the recomposed x_hat.
+    # The sampler returns the predicted clean scales x_hat_1..x_hat_k, not recomposed.
+    assert len(predicted) == len(steps) - 1
+    for k, (got_k, want_k) in enumerate(zip(predicted, ref_predicted, strict=True), start=1):
+        assert isinstance(got_k, tuple) and len(got_k) == k
+        for got, want, e in zip(got_k, want_k, noise[:k], strict=True):
+            assert got.shape == e.shape and got.dtype == jnp.float32
+            np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    # Previews as the caller recomposes them: one per stage at that stage's resolution.
+    previews = [pyr.preview(list(p), k) for k, p in enumerate(predicted, start=1)]
+    previews.append(pyr.recompose(list(out)))
     assert len(previews) == len(steps)
     for k, (got, want) in enumerate(zip(previews, ref_previews), start=1):
         assert got.shape == noise[k - 1].shape
@@ -226,11 +234,9 @@ def test_video_scales_and_no_previews():
     pyr = pyramid_lib.Laplacian((2,))
     noise = make_noise(jax.random.key(1), pyr, (2, 3, 4, 4, 1))
     labels = jnp.array([1, 2], jnp.int32)
-    out = jax.jit(
-        lambda n, y: sampling.sample(
-            jax_toy_velocity, n, y, steps_per_stage=(3, 2), thresholds=(0.8,)
-        )
-    )(noise, labels)
+    out = jax.jit(lambda n, y: sampling.sample(jax_toy_velocity, n, y, Settings((3, 2), (0.8,))))(
+        noise, labels
+    )
     assert isinstance(out, tuple) and [o.shape for o in out] == [e.shape for e in noise]
     ref = reference_sample(noise, labels, (3, 2), (0.8,), "euler")
     for got, want in zip(out, ref):
@@ -250,9 +256,7 @@ def test_inactive_scales_keep_their_noise_until_their_phase():
         )
         return jax_toy_velocity(scales, t, mask, y)
 
-    jax.jit(
-        lambda n, y: sampling.sample(recording, n, y, steps_per_stage=(4, 2), thresholds=(0.5,))
-    )(noise, labels)
+    jax.jit(lambda n, y: sampling.sample(recording, n, y, Settings((4, 2), (0.5,))))(noise, labels)
     assert len(seen) == 6
     for n, (x2, mask) in enumerate(seen):
         np.testing.assert_array_equal(mask[:, 1], 1.0 if n >= 4 else 0.0)
@@ -275,19 +279,18 @@ def test_masked_scales_are_not_updated_even_by_non_finite_outputs(solver):
     pyr = pyramid_lib.Laplacian((2, 2))
     noise = make_noise(jax.random.key(4), pyr, (2, 8, 8, 1))
     labels = jnp.array([1, 2], jnp.int32)
-    out, previews = sampling.sample(
+    out, predicted = sampling.sample(
         nan_when_masked,
         noise,
         labels,
-        steps_per_stage=(3, 2, 2),
-        thresholds=(0.8, 0.9),
-        solver=solver,
-        pyramid=pyr,
+        Settings((3, 2, 2), (0.8, 0.9), solver),
         return_previews=True,
     )
     ref = reference_sample(noise, labels, (3, 2, 2), (0.8, 0.9), solver)
     for got, want in zip(out, ref):
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    assert all(np.isfinite(x).all() for p in predicted for x in p)
+    previews = [pyr.preview(list(p), k) for k, p in enumerate(predicted, start=1)]
     assert all(np.isfinite(p).all() for p in previews)
 
 
@@ -310,13 +313,7 @@ def test_guided_update_is_uncond_plus_w_times_difference():
     labels = jnp.array([0, 4], jnp.int32)
     w = 3.0
     out = sampling.sample(
-        label_velocity,
-        noise,
-        labels,
-        steps_per_stage=(1, 1),
-        thresholds=(0.5,),
-        cfg_scale=w,
-        null_label=NULL,
+        label_velocity, noise, labels, Settings((1, 1), (0.5,), cfg_scale=w), null_label=NULL
     )
     v_c = np.array([1.0, 5.0])
     guided = -1.0 + w * (v_c + 1.0)
@@ -336,10 +333,7 @@ def test_guidance_interval_switches_guidance_off_per_scale():
         label_velocity,
         noise,
         labels,
-        steps_per_stage=(2, 2),
-        thresholds=(0.5,),
-        cfg_scale=w,
-        guidance_interval=(0.2, 0.6),
+        Settings((2, 2), (0.5,), cfg_scale=w, guidance_interval=(0.2, 0.6)),
         null_label=NULL,
     )
     # Scale 1: steps at t = .25, .5 guided (dt .25 each), t = 0, .75 not.
@@ -351,10 +345,7 @@ def test_guidance_interval_switches_guidance_off_per_scale():
         label_velocity,
         noise,
         labels,
-        steps_per_stage=(2, 2),
-        thresholds=(0.5,),
-        cfg_scale=w,
-        guidance_interval=(0.95, 1.0),
+        Settings((2, 2), (0.5,), cfg_scale=w, guidance_interval=(0.95, 1.0)),
         null_label=NULL,
     )
     np.testing.assert_allclose(out[0][:, 0, 0, 0], v_c, rtol=1e-6)
@@ -375,11 +366,7 @@ def _trace_batches(cfg_scale, interval=(0.0, 1.0), steps=(3, 2), solver="euler")
         functools.partial(
             sampling.sample,
             recording,
-            steps_per_stage=steps,
-            thresholds=(0.5,),
-            solver=solver,
-            cfg_scale=cfg_scale,
-            guidance_interval=interval,
+            settings=Settings(steps, (0.5,), solver, cfg_scale, interval),
             null_label=NULL,
         )
     )(noise, labels)
@@ -399,9 +386,7 @@ def test_cfg_scale_one_calls_with_batch_b_and_guided_with_2b():
         ],
         [jnp.zeros((4, 2, 2, 1))],
         jnp.arange(4, dtype=jnp.int32),
-        steps_per_stage=(1,),
-        thresholds=(),
-        cfg_scale=0.0,  # w = 0: the unconditional velocity alone
+        Settings((1,), (), cfg_scale=0.0),  # w = 0: the unconditional velocity alone
         null_label=NULL,
     )
     np.testing.assert_array_equal(out[0], NULL)
@@ -426,7 +411,7 @@ def test_sampler_is_one_scan_with_constant_tracing():
     lowered = (
         jax.jit(
             functools.partial(
-                sampling.sample, jax_toy_velocity, steps_per_stage=(30, 10), thresholds=(0.9,)
+                sampling.sample, jax_toy_velocity, settings=Settings((30, 10), (0.9,))
             )
         )
         .lower([jnp.zeros((2, 2, 2, 1)), jnp.zeros((2, 4, 4, 1))], jnp.zeros((2,), jnp.int32))
@@ -471,15 +456,7 @@ def test_nfe_counts_actual_evaluations(solver, cfg, interval):
     noise = [jnp.zeros((batch, 2, 2, 1)), jnp.zeros((batch, 4, 4, 1))]
     jax.jit(
         lambda n, y: sampling.sample(
-            counting,
-            n,
-            y,
-            steps_per_stage=(5, 3),
-            thresholds=(0.6,),
-            solver=solver,
-            cfg_scale=cfg,
-            guidance_interval=interval,
-            null_label=NULL,
+            counting, n, y, Settings((5, 3), (0.6,), solver, cfg, interval), null_label=NULL
         )
     )(noise, jnp.zeros((batch,), jnp.int32))
     jax.effects_barrier()
@@ -496,11 +473,6 @@ def test_nfe_counts_actual_evaluations(solver, cfg, interval):
         ({"guidance_interval": (0.1,)}, "pair"),
         ({"thresholds": (0.9, 0.95)}, "threshold"),
         ({"steps_per_stage": (4,), "thresholds": ()}, "noise has 2 scales"),
-        ({"return_previews": True}, "pyramid"),
-        (
-            {"return_previews": True, "pyramid": pyramid_lib.Laplacian((2, 2))},
-            "3 scales",
-        ),
         ({"labels": jnp.zeros((3,), jnp.int32)}, "labels"),
         ({"noise": jnp.zeros((2, 4, 4, 1))}, "one array per scale"),
         ({"noise": [jnp.zeros((2, 2, 2, 1)), jnp.zeros((3, 4, 4, 1))]}, "batch"),
@@ -519,8 +491,9 @@ def test_sample_validation_before_tracing(kwargs, match):
     }
     args.update(kwargs)
     noise, labels = args.pop("noise"), args.pop("labels")
+    options = {k: args.pop(k) for k in ("null_label", "return_previews") if k in args}
     with pytest.raises(ValueError, match=match):
-        sampling.sample(never, noise, labels, **args)
+        sampling.sample(never, noise, labels, Settings(**args), **options)
 
 
 def test_velocity_fn_output_is_checked():
@@ -529,9 +502,160 @@ def test_velocity_fn_output_is_checked():
             lambda s, t, m, y: [s[0], s[0]],
             [jnp.zeros((2, 2, 2, 1)), jnp.zeros((2, 4, 4, 1))],
             jnp.zeros((2,), jnp.int32),
-            steps_per_stage=(2, 2),
-            thresholds=(0.5,),
+            Settings((2, 2), (0.5,)),
         )
+
+
+def test_sample_needs_sampler_settings():
+    with pytest.raises(TypeError, match="SamplerSettings"):
+        sampling.sample(
+            jax_toy_velocity,
+            [jnp.zeros((2, 2, 2, 1))],
+            jnp.zeros((2,), jnp.int32),
+            {"steps_per_stage": (2,), "thresholds": ()},
+        )
+
+
+# --------------------------------------------------------------------------- #
+# SamplerSettings
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"steps_per_stage": 30}, r"^steps_per_stage must be a sequence"),
+        ({"steps_per_stage": ()}, r"^steps_per_stage is empty"),
+        ({"steps_per_stage": (0, 10)}, r"^steps_per_stage\[0\] = 0: every stage"),
+        ({"steps_per_stage": (2.5,), "thresholds": ()}, r"^steps_per_stage\[0\] must be an int"),
+        ({"steps_per_stage": (True,), "thresholds": ()}, r"^steps_per_stage\[0\] is a bool"),
+        ({"thresholds": 0.9}, r"^thresholds must be a sequence"),
+        ({"thresholds": (0.9, 0.95)}, r"^thresholds: 2 stage\(s\) need 1 threshold"),
+        ({"thresholds": ("a",)}, r"^thresholds\[0\] must be a float"),
+        ({"thresholds": (1.2,)}, r"^thresholds\[0\] = 1\.2 must lie strictly inside \(0, 1\)"),
+        ({"solver": "rk4"}, r"^solver must be one of \('euler', 'heun'\), got 'rk4'"),
+        ({"cfg_scale": "big"}, r"^cfg_scale must be a float"),
+        ({"cfg_scale": float("inf")}, r"^cfg_scale must be finite"),
+        ({"guidance_interval": (0.8, 0.2)}, r"^guidance_interval must satisfy low <= high"),
+        ({"guidance_interval": (0.1,)}, r"^guidance_interval must be a pair"),
+    ],
+)
+def test_sampler_settings_validation_messages_start_with_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Settings(**kwargs)
+
+
+def test_sampler_settings_normalise_count_and_subclass():
+    settings = Settings([30, np.int64(10)], [0.9], "heun", 2, [0, 1])
+    assert settings == Settings((30, 10), (0.9,), "heun", 2.0, (0.0, 1.0))
+    assert hash(settings) == hash(Settings((30, 10), (0.9,), "heun", 2.0, (0.0, 1.0)))
+    assert settings.steps_per_stage == (30, 10) and type(settings.steps_per_stage[1]) is int
+    assert type(settings.thresholds[0]) is float and type(settings.cfg_scale) is float
+    assert settings.guidance_interval == (0.0, 1.0)
+    assert settings.num_stages == 2
+    assert settings.nfe == sampling.num_function_evaluations((30, 10), (0.9,), "heun", 2.0) == 158
+    assert Settings() == Settings((30, 10), (0.9,), "euler", 1.0, (0.0, 1.0))
+    assert Settings().nfe == 40
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.solver = "euler"
+
+    @dataclasses.dataclass(frozen=True)
+    class WithGrid(Settings):
+        grid_classes: int = 10
+
+    grid = WithGrid(steps_per_stage=[4], thresholds=[], grid_classes=3)
+    assert grid.steps_per_stage == (4,) and grid.nfe == 4 and grid.grid_classes == 3
+    with pytest.raises(ValueError, match=r"^thresholds\[0\]"):
+        WithGrid(thresholds=(2.0,))
+    out = sampling.sample(jax_toy_velocity, [jnp.zeros((2, 2, 2, 1))], jnp.zeros((2,)), grid)
+    assert out[0].shape == (2, 2, 2, 1)
+    # The public names stay importable from `sampling`.
+    assert sampling.SOLVERS == ("euler", "heun") == tuple(solvers.SOLVERS)
+    assert sampling.stage_schedule is schedule.stage_schedule
+
+
+def test_check_num_scales():
+    settings = Settings((3, 2), (0.9,))
+    settings.check_num_scales(2)
+    with pytest.raises(ValueError, match=r"^steps_per_stage \(3, 2\) describes 2 .* has 3 scales"):
+        settings.check_num_scales(3)
+    with pytest.raises(ValueError, match="the pyramid has 3 scales"):
+        settings.check_num_scales(3, what="the pyramid")
+
+
+# --------------------------------------------------------------------------- #
+# Previews: predicted scales from the sampler, recomposed by the caller
+# --------------------------------------------------------------------------- #
+
+
+class ToyNetwork(nn.Module):
+    """A flax module without parameters around the toy velocity field."""
+
+    @nn.compact
+    def __call__(self, scales, t, mask, labels):
+        return jax_toy_velocity(scales, t, mask, labels)
+
+
+def test_previews_are_predicted_scales_and_generation_recomposes_them():
+    pyr = pyramid_lib.Laplacian((2, 2))
+    steps, thresholds, solver, cfg, interval = (3, 2, 2), (0.8, 0.9), "heun", 2.0, (0.0, 0.9)
+    settings = Settings(steps, thresholds, solver, cfg, interval)
+    key, labels = jax.random.key(7), jnp.array([1, 4], jnp.int32)
+    noise = sampling.initial_noise(key, pyr.scale_shapes((2, 8, 8, 2)))
+    final, predicted = jax.jit(
+        functools.partial(
+            sampling.sample,
+            jax_toy_velocity,
+            settings=settings,
+            null_label=NULL,
+            return_previews=True,
+        )
+    )(noise, labels)
+    # previews[k - 1] are x_hat_1 .. x_hat_k = x_s + (1 - t_s) v_s at tau_k, per scale.
+    _, ref_previews, ref_predicted = reference_sample(
+        noise, labels, steps, thresholds, solver, cfg, interval, pyr
+    )
+    assert [tuple(x.shape for x in p) for p in predicted] == [
+        tuple(e.shape for e in noise[:k]) for k in (1, 2)
+    ]
+    for got_k, want_k in zip(predicted, ref_predicted, strict=True):
+        for got, want in zip(got_k, want_k, strict=True):
+            np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    recomposed = [pyr.preview(list(p), k) for k, p in enumerate(predicted, start=1)]
+    recomposed.append(pyr.recompose(list(final)))
+    for got, want in zip(recomposed, ref_previews, strict=True):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+    # Generation (as the trainer and evaluation call it) recomposes exactly these.
+    generate = generation.make_generate_fn(toy_method(pyr, (8, 8, 2)), settings, previews=True)
+    images, previews = generate({}, key, labels)
+    assert len(previews) == len(steps)
+    for got, want in zip(previews, recomposed, strict=True):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(images, previews[-1])
+    plain = generation.make_generate_fn(toy_method(pyr, (8, 8, 2)), settings)
+    np.testing.assert_allclose(plain({}, key, labels), images, rtol=1e-6, atol=1e-6)
+
+
+def toy_method(pyr, example_shape):
+    """DFM around the parameter-free ``ToyNetwork``, with null label ``NULL``."""
+    probs = (1.0 / pyr.num_scales,) * pyr.num_scales
+    return methods.DecomposableFlowMatching(
+        model=ToyNetwork(),
+        decomposition=pyr,
+        objective=objective.ObjectiveConfig(stage_probs=probs),
+        example_shape=example_shape,
+        num_classes=NULL,
+    )
+
+
+def test_generation_checks_stages_against_the_decomposition():
+    generate = generation.make_generate_fn(
+        toy_method(pyramid_lib.Laplacian((2, 2)), (8, 8, 1)), Settings((3, 2), (0.9,))
+    )
+    with pytest.raises(ValueError, match="has 3 scales"):
+        generate({}, jax.random.key(0), jnp.zeros((2,), jnp.int32))
 
 
 # --------------------------------------------------------------------------- #
@@ -612,11 +736,7 @@ class GaussianScales:
         noise = self.split(jnp.asarray(noise_flat, jnp.float32))
         fn = jax.jit(
             functools.partial(
-                sampling.sample,
-                self.velocity_fn,
-                steps_per_stage=steps,
-                thresholds=thresholds,
-                solver=solver,
+                sampling.sample, self.velocity_fn, settings=Settings(steps, thresholds, solver)
             )
         )
         out = fn(noise, jnp.zeros((noise_flat.shape[0],), jnp.int32))

@@ -8,6 +8,8 @@ two-process run in test_multiprocess.py.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import optax
@@ -30,7 +32,7 @@ def _compile_cache():
 
 @pytest.fixture(scope="module")
 def config():
-    return train_utils.tiny_config()
+    return train_utils.tiny_settings()
 
 
 @pytest.fixture(scope="module")
@@ -181,11 +183,8 @@ def trajectory(config, setup8, step8, host_init, batches):
     return [host_init, *states], metrics
 
 
-def _with(config, **changes):
-    copy = config.copy_and_resolve_references()
-    for name, value in changes.items():
-        copy[name] = value
-    return copy
+def _with(settings, **changes):
+    return dataclasses.replace(settings, **changes)
 
 
 def test_learning_rate_warmup_then_constant(config, trajectory):
@@ -282,12 +281,12 @@ def test_nonfinite_batch_skips_the_update(trajectory):
             r"objective.*stage_probs.*3 entries|one entry per scale",
         ),
         ({"objective.stage_probs": (1.0,)}, r"stage_probs.*one entry per scale"),
-        ({"objective.stage_probs": (0.9, 0.2)}, r"config\.objective: stage_probs must sum to 1"),
-        ({"objective.stage_probs": (1.2, -0.2)}, r"stage_probs must be non-negative"),
-        ({"sampling.thresholds": (1.0,)}, r"config\.sampling: .*(0, 1)"),
-        ({"sampling.thresholds": (0.0,)}, r"config\.sampling: .*(0, 1)"),
-        ({"sampling.thresholds": (0.5, 0.9)}, r"config\.sampling: .*1 entries for 2 scales"),
-        ({"sampling.steps_per_stage": (4,)}, r"config\.sampling: steps_per_stage \(4,\)"),
+        ({"objective.stage_probs": (0.9, 0.2)}, r"config\.objective\.stage_probs: must sum to 1"),
+        ({"objective.stage_probs": (1.2, -0.2)}, r"stage_probs: must be non-negative"),
+        ({"sampling.thresholds": (1.0,)}, r"config\.sampling\.thresholds\[0\] = 1.0 .*\(0, 1\)"),
+        ({"sampling.thresholds": (0.0,)}, r"config\.sampling\.thresholds\[0\] = 0.0 .*\(0, 1\)"),
+        ({"sampling.thresholds": (0.5, 0.9)}, r"sampling\.thresholds: 2 stage\(s\) need 1 thr"),
+        ({"sampling.steps_per_stage": (4,)}, r"sampling\.thresholds: 1 stage\(s\) need 0 thr"),
         ({"batch_size": 12}, r"config\.batch_size: 12 is not divisible by the 8 data-parallel"),
         ({"batch_size": 0}, r"config\.batch_size: must be a positive integer"),
         ({"max_consecutive_nonfinite": 0}, r"max_consecutive_nonfinite: must be a positive"),
@@ -298,18 +297,42 @@ def test_nonfinite_batch_skips_the_update(trajectory):
         ({"autoencoder.name": "sdxl-vae"}, r"config\.autoencoder\.name: unknown autoencoder"),
         ({"autoencoder.dtype": "int8"}, r"config\.autoencoder\.dtype: must be float32"),
         ({"data.source": "array_record"}, r"config\.autoencoder\.name: .*name the autoencoder"),
+        ({"data.resolutoin": 8}, r"unknown config field data\.resolutoin; did you mean data\.res"),
+        ({"model.frames": 4}, r"unknown config field model\.frames; did you mean data\.frames\?"),
+        ({"evals.fd_fmnist.metrics": ("fid", "fit")}, r"evals\.fd_fmnist\.metrics: unknown"),
+        ({"method": "flow_matching"}, r"config\.method: 'flow_matching' trains one scale"),
     ],
 )
 def test_config_errors(overrides, message):
-    config = train_utils.tiny_config(overrides)
-    with pytest.raises(ValueError, match=message):
-        config_lib.validate(config, num_devices=8)
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.check_devices(train_utils.tiny_settings(overrides), num_devices=8)
+
+
+def test_read_refuses_wrong_types():
+    raw = train_utils.tiny_config().to_dict()
+    for section, field, value, message in [
+        (None, "batch_size", "8", r"config\.batch_size: must be int, got '8'"),
+        (None, "batch_size", True, r"config\.batch_size: must be int, got True"),
+        ("model", "patch_sizes", 2, r"config\.model\.patch_sizes: must be a tuple, got 2"),
+        ("optimizer", "learning_rate", "fast", r"learning_rate: must be a number, got 'fast'"),
+        ("sampling", "guidance_interval", (0.0,), r"guidance_interval: must have 2 entries"),
+    ]:
+        changed = {**raw, section: {**raw[section], field: value}} if section else {
+            **raw, field: value}  # fmt: skip
+        with pytest.raises(config_lib.ConfigError, match=message):
+            config_lib.read(changed)
+    # Lists (e.g. from JSON) become tuples and ints become floats where declared.
+    listed = {**raw, "model": {**raw["model"], "patch_sizes": [1, 2]}}
+    listed["optimizer"] = {**raw["optimizer"], "learning_rate": 1}
+    settings = config_lib.read(listed)
+    assert settings.model.patch_sizes == (1, 2) and settings.optimizer.learning_rate == 1.0
+    assert isinstance(settings.optimizer.learning_rate, float)
 
 
 def test_valid_config_passes():
-    config_lib.validate(train_utils.tiny_config(), num_devices=8)
-    config_lib.validate(train_utils.demo_config(), num_devices=8)
-    config_lib.validate(train_utils.tiny_config({"batch_size": 24}), num_devices=8)
+    config_lib.check_devices(train_utils.tiny_settings(), num_devices=8)
+    config_lib.check_devices(config_lib.read(train_utils.demo_config()), num_devices=8)
+    config_lib.check_devices(train_utils.tiny_settings({"batch_size": 24}), num_devices=8)
 
 
 @pytest.mark.parametrize(
@@ -357,7 +380,7 @@ def test_valid_config_passes():
 )
 def test_data_config_errors_at_build(overrides, error, message):
     with pytest.raises(error, match=message):
-        setup_lib.build(train_utils.tiny_config(overrides))
+        setup_lib.build(train_utils.tiny_settings(overrides))
 
 
 # ----------------------------------------------------------------------------- sample grids
@@ -375,7 +398,7 @@ class _ImageWriterStub:
 def test_no_sample_grids_for_latents(tmp_path, channels):
     """16-channel (FLUX AE) or 4-channel (SD-VAE) latents cannot be drawn as PNGs (16 channels
     used to crash the run at its first sample step): the writer skips them."""
-    setup = setup_lib.build(train_utils.tiny_config({"data.channels": channels}))
+    setup = setup_lib.build(train_utils.tiny_settings({"data.channels": channels}))
     assert setup.example_shape == (8, 8, channels)
     writer = _ImageWriterStub()
     samples = samples_lib.SampleWriter(setup, str(tmp_path), writer)

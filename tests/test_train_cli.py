@@ -39,16 +39,18 @@ def test_demo_config_end_to_end(tmp_path):
     events = glob.glob(str(workdir / "events.out.tfevents.*"))
     assert events and os.path.getsize(events[0]) > 0, os.listdir(workdir)
 
-    # A 2x2 grid of 8x8 one-channel samples with 2-pixel padding; previews: 2 rows of
-    # stage 1 (upsampled) + final.
+    # A 2x2 grid of 8x8 one-channel samples upscaled to 64x64 with 2-pixel padding, after
+    # a column of row labels (the synthetic source has no class names: ids); previews: 2
+    # rows of stage 1 (upsampled) + final, with the same labels.
+    cells = 2 * (64 + 2) + 2
     grid = np.asarray(Image.open(workdir / "samples" / "step_00000002_grid.png"))
-    assert grid.shape[:2] == (2 * (8 + 2) + 2, 2 * (8 + 2) + 2), grid.shape
-    assert grid.std() > 0
+    assert grid.shape[0] == cells and grid.shape[1] > cells, grid.shape
+    assert grid[:, -cells:].std() > 0 and grid[:, :-cells].any()
     previews = np.asarray(Image.open(workdir / "samples" / "step_00000002_previews.png"))
-    assert previews.shape[0] == 2 * (8 + 2) + 2 and previews.shape[1] >= 2 * (8 + 2) + 2
+    assert previews.shape == grid.shape
 
     # The checkpoint carries the config as JSON and restores into the run's layout.
-    config = train_utils.tiny_config()
+    config = train_utils.tiny_settings()
     manager = checkpoint.Checkpointer(workdir / "checkpoints", async_save=False)
     try:
         saved = manager.restore_config()
@@ -105,7 +107,7 @@ def test_kill9_resumes_from_the_last_complete_checkpoint(tmp_path):
     assert train_utils.checkpoint_steps(checkpoints)[-1] == total
 
     # The uninterrupted run (checkpointing only at the end: saves do not change the state).
-    config = train_utils.tiny_config({**run_overrides, "checkpoint_every": 1000})
+    config = train_utils.tiny_settings({**run_overrides, "checkpoint_every": 1000})
     manager = checkpoint.Checkpointer(checkpoints, async_save=False)
     try:
         resumed, step = manager.restore(setup_lib.build(config).abstract_state)

@@ -7,6 +7,7 @@ iterator's next local batch.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 
@@ -62,7 +63,7 @@ def _restore(workdir, config, step=None):
 def test_sigterm_then_resume_is_bitwise_identical(tmp_path, monkeypatch):
     """2N steps straight == N steps, SIGTERM, resume to 2N: same batches, identical state."""
     n = 3
-    config = train_utils.tiny_config(
+    config = train_utils.tiny_settings(
         {"total_steps": 2 * n, "log_every": 2, "checkpoint_every": 100, "sample_every": 100}
     )
 
@@ -112,7 +113,7 @@ def test_sigterm_then_resume_is_bitwise_identical(tmp_path, monkeypatch):
 
     # config.resume: a fresh workdir starts from another run's newest checkpoint, with its
     # optimizer state and step (total_steps = 2N: nothing left to train).
-    config.resume = str(tmp_path / "straight" / "checkpoints")
+    config = dataclasses.replace(config, resume=str(tmp_path / "straight" / "checkpoints"))
     started = train_utils.to_host(loop.run(config, str(tmp_path / "from_resume")))
     train_utils.assert_trees_equal(started, straight, "state started from config.resume")
 
@@ -120,7 +121,7 @@ def test_sigterm_then_resume_is_bitwise_identical(tmp_path, monkeypatch):
 def test_nonfinite_losses_stop_the_run_with_the_last_good_checkpoint(tmp_path, monkeypatch):
     """NaN batches from step 5 on: skipped updates, then NonFiniteLossError after 3 in a row."""
     good_steps, limit = 4, 3
-    config = train_utils.tiny_config(
+    config = train_utils.tiny_settings(
         {
             "total_steps": 20,
             "log_every": 1,

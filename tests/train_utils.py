@@ -1,7 +1,8 @@
 """Shared pieces of the trainer tests (not a test module).
 
 * ``tiny_config``: ``configs/demo.py`` shrunk to a model and data that train in
-  milliseconds per step; the subprocess tests pass the same overrides as
+  milliseconds per step (as a ConfigDict; ``tiny_settings`` reads it into
+  ``dfm_jax.config.Settings``); the subprocess tests pass the same overrides as
   ``--config.*`` flags (``cli_flags``), so every test compiles the same programs.
 * ``persistent_compile_cache``: one XLA compilation cache directory per pytest
   session, shared with the subprocesses (``subprocess_env``). Compiling the train
@@ -29,6 +30,8 @@ import ml_collections
 import numpy as np
 from jax.experimental.compilation_cache import compilation_cache
 
+from dfm_jax import config as config_lib
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.py"
 
@@ -51,6 +54,7 @@ TINY = {
     "sampling.grid_classes": 2,
     "sampling.samples_per_class": 2,
     "sampling.preview_examples": 2,
+    "evals.fd_fmnist.every": 0,  # no FD-FMNIST classifier in every trainer test
 }
 
 
@@ -71,6 +75,11 @@ def tiny_config(overrides: dict | None = None) -> ml_collections.ConfigDict:
             node = node[parent]
         node[leaf] = value
     return config
+
+
+def tiny_settings(overrides: dict | None = None) -> config_lib.Settings:
+    """``tiny_config(overrides)`` read into validated settings."""
+    return config_lib.read(tiny_config(overrides))
 
 
 def cli_flags(overrides: dict | None = None) -> list[str]:

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from dfm_jax.utils import viz
+
 #: Key of the image (pixels in [-1, 1], or latents) in every example.
 IMAGE_KEY = "image"
 #: Key of the int32 class label in every example.
@@ -40,15 +42,18 @@ class DataNotFoundError(ValueError):
 class Source(abc.ABC):
     """A Grain random-access data source of `{"image", "label"}` examples.
 
-    Subclasses set `num_classes` and `example_shape` and implement `__len__`,
-    `__getitem__` and `__repr__` (Grain records the repr in the iterator state, so it must
-    not contain memory addresses).
+    Subclasses set `num_classes` and `example_shape` (and `class_names` where known) and
+    implement `__len__`, `__getitem__` and `__repr__` (Grain records the repr in the
+    iterator state, so it must not contain memory addresses).
     """
 
     #: Number of classes; labels lie in [0, num_classes).
     num_classes: int
     #: Shape of one example's "image": (H, W, C) or (T, H, W, C).
     example_shape: tuple[int, ...]
+    #: The name of each class (label i is class_names[i]); None when unknown (sample grids
+    #: then show the ids).
+    class_names: Sequence[str] | None = None
 
     @abc.abstractmethod
     def __len__(self) -> int:
@@ -84,8 +89,8 @@ class Source(abc.ABC):
 
 
 def uint8_to_float(image: np.ndarray) -> np.ndarray:
-    """Scales uint8 pixels [0, 255] to float32 [-1, 1]."""
-    return np.asarray(image, np.float32) / 127.5 - 1.0
+    """Scales uint8 pixels [0, 255] to float32 [-1, 1] (`viz.from_uint8`)."""
+    return viz.from_uint8(image)
 
 
 def pad_to_resolution(image: np.ndarray, resolution: int, value: float = PAD_VALUE) -> np.ndarray:

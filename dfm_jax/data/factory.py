@@ -1,28 +1,11 @@
-"""`make_source(config.data)`: builds the configured data source.
+"""`make_source(settings)`: builds the configured data source.
 
-Fields read from the `data` ConfigDict (missing fields take the defaults below):
-
-    source        "fashion_mnist" | "synthetic" | "image_folder" | "tfds" | "array_record"
-    dir           data directory (IDX files / class folders / TFDS data_dir / latent
-                  dataset); None: the source's default (fashion_mnist: the Debian package
-                  location; tfds: TFDS's default)                        default None
-    split         "train" | "test" (tfds: any split string; array_record: the subfolder
-                  dir/<split> when it has a metadata.json, else dir)    default "train"
-    resolution    output height/width of pixel sources (fashion_mnist pads 28 -> resolution
-                  with -1; image_folder / tfds centre-crop)             default None (native;
-                  required for image_folder)
-    channels      image channels (synthetic: any; image_folder/tfds: 1 or 3) default 3 for
-                  synthetic/image_folder, native for tfds, 1 for fashion_mnist
-    num_classes   synthetic: number of classes; others: when set, must equal the dataset's
-                  (catches a model built for the wrong dataset)         default None
-    num_examples  synthetic: dataset size                               default 1024
-    frames        synthetic: 0 for images, T > 0 for (T, H, W, C) videos default 0
-    tfds_name     tfds: the dataset name, e.g. "cifar10"
-    image_key     tfds: image feature                                   default "image"
-    label_key     tfds: label feature ("" for unconditional)            default "label"
-    download      fashion_mnist / tfds: allow a TFDS download           default False
-    latent_sample array_record: draw latents from stored moments        default True
-    validate_files image_folder: header-check every file at index time  default True
+`settings` is a `dfm_jax.config.DataSettings` (the `data` section of the experiment
+config, where every field is declared with its default and documentation): `source`
+picks the builder below, and each builder reads the fields it needs (`dir`, `split`,
+`resolution`, `channels`, `num_classes`, `frames`, `num_examples`, `tfds_name`,
+`image_key`, `label_key`, `download`, `latent_sample`, `validate_files`). Fields left
+None take the source's own value (its native resolution and channels, its class count).
 """
 
 from __future__ import annotations
@@ -40,82 +23,73 @@ from dfm_jax.data.synthetic import SyntheticSource
 from dfm_jax.data.tfds_source import TfdsSource
 
 
-def _get(config: Any, name: str, default: Any = None) -> Any:
-    value = config.get(name, default) if hasattr(config, "get") else getattr(config, name, default)
-    return default if value is None else value
-
-
-def _fashion_mnist(config: Any) -> common.Source:
-    channels = _get(config, "channels", 1)
-    if channels != 1:
-        raise ValueError(f"fashion_mnist is grayscale: data.channels must be 1, got {channels}")
+def _fashion_mnist(settings: Any) -> common.Source:
+    if settings.channels not in (None, 1):
+        raise ValueError(
+            f"fashion_mnist is grayscale: data.channels must be 1, got {settings.channels}"
+        )
     return FashionMnistSource(
-        directory=_get(config, "dir"),
-        split=_get(config, "split", "train"),
-        resolution=_get(config, "resolution", 28),
-        download=bool(_get(config, "download", False)),
+        directory=settings.dir or None,
+        split=settings.split,
+        resolution=settings.resolution or 28,
+        download=settings.download,
     )
 
 
-def _synthetic(config: Any) -> common.Source:
-    return SyntheticSource(
-        num_examples=_get(config, "num_examples", 1024),
-        resolution=_get(config, "resolution", 32),
-        channels=_get(config, "channels", 3),
-        num_classes=_get(config, "num_classes", 10),
-        frames=_get(config, "frames", 0),
-    )
+def _synthetic(settings: Any) -> common.Source:
+    overrides = {
+        name: getattr(settings, name)
+        for name in ("resolution", "channels", "num_classes")
+        if getattr(settings, name) is not None
+    }
+    return SyntheticSource(num_examples=settings.num_examples, frames=settings.frames, **overrides)
 
 
-def _image_folder(config: Any) -> common.Source:
-    directory, resolution = _get(config, "dir"), _get(config, "resolution")
-    if not directory:
+def _image_folder(settings: Any) -> common.Source:
+    if not settings.dir:
         raise common.DataNotFoundError(
             "data.source='image_folder' needs --config.data.dir: a directory with one "
             "subfolder of images per class (e.g. ImageNet's train/)"
         )
-    if not resolution:
+    if not settings.resolution:
         raise ValueError("data.source='image_folder' needs --config.data.resolution")
-    split_dir = os.path.join(directory, _get(config, "split", "train"))
-    root = split_dir if os.path.isdir(split_dir) else directory
+    split_dir = os.path.join(settings.dir, settings.split)
+    root = split_dir if os.path.isdir(split_dir) else settings.dir
     return ImageFolderSource(
         root,
-        resolution=resolution,
-        channels=_get(config, "channels", 3),
-        validate=bool(_get(config, "validate_files", True)),
+        resolution=settings.resolution,
+        channels=settings.channels or 3,
+        validate=settings.validate_files,
     )
 
 
-def _tfds(config: Any) -> common.Source:
-    name = _get(config, "tfds_name")
-    if not name:
+def _tfds(settings: Any) -> common.Source:
+    if not settings.tfds_name:
         raise ValueError("data.source='tfds' needs --config.data.tfds_name, e.g. 'cifar10'")
     return TfdsSource(
-        name,
-        split=_get(config, "split", "train"),
-        data_dir=_get(config, "dir") or None,
-        image_key=_get(config, "image_key", "image"),
-        label_key=_get(config, "label_key", "label"),
-        resolution=_get(config, "resolution"),
-        channels=_get(config, "channels"),
-        num_classes=_get(config, "num_classes"),
-        download=bool(_get(config, "download", False)),
+        settings.tfds_name,
+        split=settings.split,
+        data_dir=settings.dir or None,
+        image_key=settings.image_key,
+        label_key=settings.label_key,
+        resolution=settings.resolution,
+        channels=settings.channels,
+        num_classes=settings.num_classes,
+        download=settings.download,
     )
 
 
-def _array_record(config: Any) -> common.Source:
-    directory = _get(config, "dir")
-    if not directory:
+def _array_record(settings: Any) -> common.Source:
+    if not settings.dir:
         raise common.DataNotFoundError(
             "data.source='array_record' needs --config.data.dir: a latent dataset directory "
             "(ArrayRecord shards + metadata.json) made by `python -m dfm_jax.prepare`"
         )
-    split_dir = os.path.join(directory, _get(config, "split", "train"))
+    directory = settings.dir
+    split_dir = os.path.join(directory, settings.split)
     if os.path.isfile(os.path.join(split_dir, METADATA_FILENAME)):
         directory = split_dir
-    return ArrayRecordLatentSource(
-        directory, latent_sample=bool(_get(config, "latent_sample", True))
-    )
+    return ArrayRecordLatentSource(directory, latent_sample=settings.latent_sample)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,12 +109,16 @@ class DataSpec:
         return None
 
 
-def data_spec(config: Any) -> DataSpec:
-    """The ``DataSpec`` that the data config describes (no file is read)."""
-    resolution, channels = int(_get(config, "resolution")), int(_get(config, "channels"))
-    frames = int(_get(config, "frames", 0) or 0)
-    shape = (resolution, resolution, channels)
-    return DataSpec((frames, *shape) if frames else shape, int(_get(config, "num_classes")))
+def data_spec(settings: Any) -> DataSpec:
+    """The ``DataSpec`` that the data settings describe (no file is read)."""
+    missing = [n for n in ("resolution", "channels", "num_classes") if getattr(settings, n) is None]
+    if missing:
+        raise ValueError(
+            "without reading data the model's input shape comes from the config: set "
+            + ", ".join(f"--config.data.{n}" for n in missing)
+        )
+    shape = (settings.resolution, settings.resolution, settings.channels)
+    return DataSpec((settings.frames, *shape) if settings.frames else shape, settings.num_classes)
 
 
 #: source name -> builder from the data config.
@@ -153,8 +131,8 @@ SOURCES: Mapping[str, Callable[[Any], common.Source]] = {
 }
 
 
-def make_source(config: Any) -> common.Source:
-    """Builds the source that `config` (the `data` ConfigDict, or any mapping) describes.
+def make_source(settings: Any) -> common.Source:
+    """Builds the source that ``settings`` (a ``dfm_jax.config.DataSettings``) describe.
 
     The returned source has `num_classes`, `example_shape` and `len()`, for building the
     model and the pipeline (`make_dataset`).
@@ -164,12 +142,13 @@ def make_source(config: Any) -> common.Source:
         or a dataset whose class count differs from a set `num_classes`.
       DataNotFoundError (a ValueError): data not found; the message says how to get it.
     """
-    name = _get(config, "source")
-    if name not in SOURCES:
-        raise ValueError(f"unknown data.source {name!r}; known sources: {', '.join(SOURCES)}")
-    source = SOURCES[name](config)
-    expected = _get(config, "num_classes")
-    if expected is not None and name != "synthetic" and expected != source.num_classes:
+    if settings.source not in SOURCES:
+        raise ValueError(
+            f"unknown data.source {settings.source!r}; known sources: {', '.join(SOURCES)}"
+        )
+    source = SOURCES[settings.source](settings)
+    expected = settings.num_classes
+    if expected is not None and settings.source != "synthetic" and expected != source.num_classes:
         raise ValueError(
             f"data.num_classes={expected} but {source!r} has {source.num_classes} classes; fix "
             "--config.data.num_classes (or leave it None)"

@@ -120,6 +120,7 @@ class FashionMnistSource(common.Source):
     """
 
     num_classes = NUM_CLASSES
+    class_names = CLASS_NAMES
 
     def __init__(
         self,

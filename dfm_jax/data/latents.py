@@ -34,7 +34,6 @@ import dataclasses
 import glob
 import json
 import os
-import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -44,6 +43,7 @@ from absl import logging
 from array_record.python import array_record_module
 
 from dfm_jax.data import common, record_format
+from dfm_jax.utils import files
 
 METADATA_FILENAME = "metadata.json"
 SHARD_SUFFIX = ".array_record"
@@ -139,24 +139,10 @@ class LatentMetadata:
             raise ValueError(f"{path}: {e}") from e
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Writes `data` to `path` atomically (temp file in the same directory + os.replace)."""
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_metadata(directory: str | os.PathLike, metadata: LatentMetadata) -> str:
-    """Writes `directory/metadata.json` atomically (temp file + os.replace); returns its path."""
+    """Writes `directory/metadata.json` atomically (`files.atomic_write_text`); returns its path."""
     path = os.path.join(os.fspath(directory), METADATA_FILENAME)
-    atomic_write_bytes(path, metadata.to_json().encode("utf-8"))
+    files.atomic_write_text(path, metadata.to_json())
     return path
 
 
@@ -201,29 +187,21 @@ def write_shard(path: str | os.PathLike, examples: Iterable[Mapping[str, Any]]) 
 
     Each example is a dict with "latent" (or "mean" and "std"), "label" and optional extra
     fields; arrays are stored with their own dtype (latents: float32, bfloat16 or float16).
-    The shard is written under a temporary name and moved into place with `os.replace`, so
-    readers never see a partial shard (local or POSIX-like file systems).
+    The shard is written under a temporary name and renamed into place (`files.AtomicPath`),
+    so readers never see a partial shard.
     """
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex}"
     count = 0
-    writer = array_record_module.ArrayRecordWriter(tmp, "group_size:1")
-    closed = False
-    try:
-        for example in examples:
-            _check_example(example, count)
-            record = dict(example)
-            record["label"] = np.asarray(record["label"], np.int32)
-            writer.write(record_format.encode(record))
-            count += 1
-        writer.close()
-        closed = True
-        os.replace(tmp, path)
-    finally:
-        if not closed:
+    with files.AtomicPath(path) as tmp:
+        writer = array_record_module.ArrayRecordWriter(os.fspath(tmp), "group_size:1")
+        try:
+            for example in examples:
+                _check_example(example, count)
+                record = dict(example)
+                record["label"] = np.asarray(record["label"], np.int32)
+                writer.write(record_format.encode(record))
+                count += 1
+        finally:
             writer.close()
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return count
 
 
@@ -258,6 +236,7 @@ class ArrayRecordLatentSource(common.Source):
     Attributes:
       metadata: the `LatentMetadata`.
       paths: the shard files.
+      class_names: ``metadata.extra["class_names"]`` when it names every class, else None.
     """
 
     def __init__(self, directory: str | os.PathLike, latent_sample: bool = True):
@@ -278,6 +257,9 @@ class ArrayRecordLatentSource(common.Source):
         self.sample = bool(latent_sample and self.metadata.moments)
         self.num_classes = self.metadata.num_classes
         self.example_shape = self.metadata.latent_shape
+        names = self.metadata.extra.get("class_names")  # written by dfm_jax.prepare
+        if isinstance(names, list) and len(names) == self.num_classes:
+            self.class_names = tuple(str(name) for name in names)
         self._scale = np.float32(self.metadata.scaling_factor)
         self._shift = np.float32(self.metadata.shift_factor)
 

@@ -77,6 +77,41 @@ def _apply(ds: grain.MapDataset, op: Any, seed: int) -> grain.MapDataset:
     )
 
 
+def _check_arguments(
+    process_index: int, process_count: int, seed: Any, num_epochs: int | None, worker_count: int
+) -> int:
+    """Validates `make_dataset`'s process, seed, epoch and worker arguments; returns the seed."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    if num_epochs is not None and num_epochs < 1:
+        raise ValueError(f"num_epochs must be None (forever) or >= 1, got {num_epochs}")
+    if worker_count < 0:
+        raise ValueError(f"worker_count must be >= 0, got {worker_count}")
+    if worker_count > 0 and not flags.FLAGS.is_parsed():
+        raise ValueError(
+            "Grain workers (worker_count > 0) need absl flags parsed: run under absl.app.run, "
+            "or call absl.flags.FLAGS.mark_as_parsed() first; or use worker_count=0"
+        )
+    return int(seed)
+
+
+def _shard_size(
+    num_records: int, process_count: int, batch: int, num_epochs: int | None, drop_remainder: bool
+) -> int:
+    """Records per process (the remainder is dropped); ValueError if no batch would come."""
+    shard_size = num_records // process_count
+    if shard_size < 1:
+        raise ValueError(f"{num_records} examples cannot be split over {process_count} processes")
+    if num_epochs is not None and drop_remainder and shard_size * num_epochs < batch:
+        raise ValueError(
+            f"{num_epochs} epoch(s) of {shard_size} examples per process yield no full batch "
+            f"of {batch}; lower the batch size, add epochs, or set drop_remainder=False"
+        )
+    return shard_size
+
+
 def make_dataset(
     source: Any,
     *,
@@ -122,29 +157,8 @@ def make_dataset(
     if process_count is None:
         process_count = jax.process_count()
     batch = local_batch_size(global_batch_size, process_count)
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < 2**32:
-        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
-    seed = int(seed)
-    if num_epochs is not None and num_epochs < 1:
-        raise ValueError(f"num_epochs must be None (forever) or >= 1, got {num_epochs}")
-    if worker_count < 0:
-        raise ValueError(f"worker_count must be >= 0, got {worker_count}")
-    if worker_count > 0 and not flags.FLAGS.is_parsed():
-        raise ValueError(
-            "Grain workers (worker_count > 0) need absl flags parsed: run under absl.app.run, "
-            "or call absl.flags.FLAGS.mark_as_parsed() first; or use worker_count=0"
-        )
-    num_records = len(source)
-    shard_size = num_records // process_count
-    if shard_size < 1:
-        raise ValueError(f"{num_records} examples cannot be split over {process_count} processes")
-    if num_epochs is not None and drop_remainder and shard_size * num_epochs < batch:
-        raise ValueError(
-            f"{num_epochs} epoch(s) of {shard_size} examples per process yield no full batch "
-            f"of {batch}; lower the batch size, add epochs, or set drop_remainder=False"
-        )
+    seed = _check_arguments(process_index, process_count, seed, num_epochs, worker_count)
+    shard_size = _shard_size(len(source), process_count, batch, num_epochs, drop_remainder)
 
     ds = grain.MapDataset.source(source)
     start = process_index * shard_size

@@ -7,6 +7,28 @@ import numpy as np
 from dfm_jax.data import common
 
 
+def _open(name: str, split: str, data_dir: str | None, download: bool):
+    """`tfds.data_source(...)`; `common.DataNotFoundError` naming the fix when it fails."""
+    import tensorflow_datasets as tfds  # deferred: imports in ~0.5 s, only needed here
+
+    builder_kwargs = {"file_format": "array_record"} if download else None
+    try:
+        return tfds.data_source(
+            name,
+            split=split,
+            data_dir=data_dir,
+            download=download,
+            builder_kwargs=builder_kwargs,
+        )
+    except Exception as e:  # TFDS raises several types (AssertionError, DatasetNotFound..)
+        where = data_dir or "TFDS's default data dir (~/tensorflow_datasets, $TFDS_DATA_DIR)"
+        raise common.DataNotFoundError(
+            f"cannot open TFDS dataset {name!r} split {split!r} in {where}: {e}. Prepare it "
+            f"in ArrayRecord format (`tfds build {name} --file_format=array_record`, or "
+            "--config.data.download=True), or set --config.data.dir to its data dir."
+        ) from e
+
+
 class TfdsSource(common.Source):
     """A TFDS dataset as float32 images in [-1, 1] with int32 labels.
 
@@ -42,27 +64,9 @@ class TfdsSource(common.Source):
         num_classes: int | None = None,
         download: bool = False,
     ):
-        import tensorflow_datasets as tfds  # deferred: imports in ~0.5 s, only needed here
-
         self.name, self.split, self.data_dir = name, split, data_dir
         self.image_key, self.label_key = image_key, label_key or None
-        builder_kwargs = {"file_format": "array_record"} if download else None
-        try:
-            self._source = tfds.data_source(
-                name,
-                split=split,
-                data_dir=data_dir,
-                download=download,
-                builder_kwargs=builder_kwargs,
-            )
-        except Exception as e:  # TFDS raises several types (AssertionError, DatasetNotFound..)
-            where = data_dir or "TFDS's default data dir (~/tensorflow_datasets, $TFDS_DATA_DIR)"
-            raise common.DataNotFoundError(
-                f"cannot open TFDS dataset {name!r} split {split!r} in {where}: {e}. Prepare it "
-                f"in ArrayRecord format (`tfds build {name} --file_format=array_record`, or "
-                "--config.data.download=True), or set --config.data.dir to its data dir."
-            ) from e
-
+        self._source = _open(name, split, data_dir, download)
         features = self._source.dataset_info.features
         if image_key not in features:
             raise ValueError(
@@ -74,6 +78,12 @@ class TfdsSource(common.Source):
                 f"TFDS {name!r} has no label feature {self.label_key!r}; features: "
                 f"{sorted(features.keys())} (set --config.data.label_key, or '' for none)"
             )
+        self._set_classes(features, num_classes)
+        self._set_shape(features, resolution, channels)
+
+    def _set_classes(self, features, num_classes: int | None) -> None:
+        """Sets `num_classes` (checked against a ClassLabel feature) and `class_names`."""
+        name = self.name
         feature_classes = None
         if self.label_key is not None:
             feature_classes = getattr(features[self.label_key], "num_classes", None)
@@ -96,6 +106,9 @@ class TfdsSource(common.Source):
         #: Class names of a ClassLabel feature (e.g. ImageNet synset ids), else None.
         self.class_names = list(names) if names else None
 
+    def _set_shape(self, features, resolution: int | None, channels: int | None) -> None:
+        """Sets `resolution`, `channels` and the output `example_shape` (H, W, C)."""
+        name, image_key = self.name, self.image_key
         shape = tuple(features[image_key].shape)
         if len(shape) != 3:
             raise ValueError(

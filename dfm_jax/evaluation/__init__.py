@@ -1,48 +1,18 @@
-"""Evaluation of trained models: FID, FDD, IS, precision/recall and FD-FMNIST sweeps.
+"""Evaluation of generators: metrics, feature networks, evaluators, sweeps, demo metrics.
 
-The library behind ``python -m dfm_jax.eval`` (see ``dfm_jax/eval.py`` for the CLI):
+The library behind ``python -m dfm_jax.eval`` and the trainer's evaluations (modules are
+imported by name, e.g. ``from dfm_jax.evaluation import runner``):
 
-* ``run_sweep(config, workdir, **SweepSettings)``: sample a checkpoint over a sweep of
-  sampler settings and record the metrics (``runner``).
-* ``compute_reference(config, output, metrics, extractors)``: reference statistics
-  of a dataset split (``references``).
-* ``demo_report(config, workdir)``: FD-FMNIST of the demo model next to real data and
-  noise (``demo``).
-
-Modules: ``sweep`` (sweep and metric specs), ``features`` (feature extractors, the
-metric registry), ``extraction`` (extractors on the mesh), ``scores`` (streaming
-accumulators), ``references``, ``results`` (CSV/Markdown, ADM ``.npz``, PNG), ``point``
-(one sweep point: labels, generation, scores), ``runner``, ``demo``.
+* ``evaluators``: ``Evaluator`` (one ``config.evals`` entry on a run's setup: sweep
+  points, feature networks, references, compiled samplers) and ``TrainingEvaluators``
+  (the trainer's periodic evaluations);
+* ``runner``: ``run_sweep`` (a checkpoint of a workdir, or imported weights, over a
+  sweep; resumable) and ``run_declared`` (every declared evaluator);
+* ``point``: one sweep point (class-balanced labels -> samples -> features -> scores);
+* ``sweep``: sweep and metric specifications; ``features``: feature extractors and the
+  metric registry; ``extraction``: extractors on the mesh; ``scores``: streaming metric
+  accumulators; ``metrics``: float64 statistics, Frechet distance, IS, precision/recall;
+* ``references``: reference statistics (checking, loading, computing);
+  ``results``: ``results.csv`` / ``results.md``, ADM ``.npz``, PNG grids;
+* ``fd_fmnist`` and ``demo``: the Fashion-MNIST demo's metric and report.
 """
-
-from dfm_jax.evaluation.demo import demo_report
-from dfm_jax.evaluation.features import (
-    METRICS,
-    FeatureExtractor,
-    dinov2_extractor,
-    fd_fmnist_extractor,
-    inception_extractor,
-)
-from dfm_jax.evaluation.point import class_balanced_labels
-from dfm_jax.evaluation.references import REFERENCE_METRICS, check_files, compute_reference
-from dfm_jax.evaluation.runner import SweepSettings, build_extractors, run_sweep
-from dfm_jax.evaluation.sweep import SweepPoint, parse_metrics, parse_sweep
-
-__all__ = [
-    "METRICS",
-    "REFERENCE_METRICS",
-    "FeatureExtractor",
-    "SweepPoint",
-    "SweepSettings",
-    "build_extractors",
-    "check_files",
-    "class_balanced_labels",
-    "compute_reference",
-    "demo_report",
-    "dinov2_extractor",
-    "fd_fmnist_extractor",
-    "inception_extractor",
-    "parse_metrics",
-    "parse_sweep",
-    "run_sweep",
-]

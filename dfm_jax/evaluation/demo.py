@@ -17,30 +17,31 @@ All images are quantised to uint8 first, as the evaluation does with samples.
 
 from __future__ import annotations
 
-import ml_collections
+import dataclasses
+
 import numpy as np
 
+from dfm_jax import config as config_lib
 from dfm_jax import data
-from dfm_jax.evaluation.runner import load_fd_fmnist, run_sweep
+from dfm_jax.evaluation.evaluators import load_fd_fmnist
+from dfm_jax.evaluation.runner import run_sweep
 from dfm_jax.utils import viz
 
 
 def _quantized(images: np.ndarray) -> np.ndarray:
-    return viz.to_uint8(images).astype(np.float32) / 127.5 - 1.0
+    return viz.from_uint8(viz.to_uint8(images))
 
 
-def train_images(config: ml_collections.ConfigDict, num_images: int, seed: int) -> np.ndarray:
-    """A seeded random subset of ``config.data``'s train split, float32 in [-1, 1]."""
-    data_config = ml_collections.ConfigDict(config.data.to_dict())
-    data_config.split = "train"
-    source = data.make_source(data_config)
+def train_images(settings: config_lib.DataSettings, num_images: int, seed: int) -> np.ndarray:
+    """A seeded random subset of the data's train split, float32 in [-1, 1]."""
+    source = data.make_source(dataclasses.replace(settings, split="train"))
     rng = np.random.default_rng([seed, 0xD3E0])
     indices = np.sort(rng.choice(len(source), size=min(num_images, len(source)), replace=False))
     return np.stack([np.asarray(source[int(i)][data.IMAGE_KEY]) for i in indices])
 
 
 def demo_report(
-    config: ml_collections.ConfigDict,
+    settings: config_lib.Settings,
     workdir: str,
     *,
     num_samples: int = 500,
@@ -54,14 +55,15 @@ def demo_report(
     """FD-FMNIST of the checkpoint's samples, of train-split images and of noise.
 
     The model's number is a regular ``run_sweep`` point (metric ``fd_fmnist``, the
-    config's sampler settings), so it is also recorded in ``<workdir>/eval/``.
+    config's sampler settings), so it is also recorded in ``<workdir>/eval/`` (and the
+    point that the trainer's FD-FMNIST evaluator scored at the same step is reused).
 
     Args:
-      config: the demo config (32x32x1 images; ``configs/demo.py``).
+      settings: the demo's settings (32x32x1 images; ``configs/demo.py``).
       workdir: the trained run's workdir.
       num_samples: images of each kind.
       step: the checkpoint step (default: the newest).
-      batch_size: generation batch (see ``SweepSettings``).
+      batch_size: generation batch (see ``EvalSettings``).
       seed: default ``config.seed``.
       fd: a ``dfm_jax.evaluation.fd_fmnist.FdFmnist`` (default: the cached one in ``cache_dir``,
         trained on first use, a few minutes on a CPU).
@@ -71,21 +73,16 @@ def demo_report(
       ``{"model", "train_images", "noise"}`` FD-FMNIST values, with ``step``,
       ``num_samples`` and the classifier's ``test_accuracy``.
     """
-    fd = fd if fd is not None else load_fd_fmnist(config, cache_dir)
-    seed = int(config.seed if seed is None else seed)
+    fd = fd if fd is not None else load_fd_fmnist(settings.data, cache_dir)
+    seed = settings.seed if seed is None else seed
+    evaluator = config_lib.EvalSettings(
+        metrics=("fd_fmnist",), num_samples=num_samples, batch_size=batch_size, seed=seed
+    )
     rows = run_sweep(
-        config,
-        workdir,
-        metrics=("fd_fmnist",),
-        num_samples=num_samples,
-        step=step,
-        batch_size=batch_size,
-        seed=seed,
-        fd_fmnist=fd,
-        print_summary=False,
+        settings, workdir, evaluator, name="demo", step=step, fd_fmnist=fd, print_summary=False
     )
     (row,) = rows
-    real = _quantized(train_images(config, num_samples, seed))
+    real = _quantized(train_images(settings.data, num_samples, seed))
     noise_rng = np.random.default_rng([seed, 0x0153])
     noise = _quantized(np.clip(noise_rng.standard_normal(real.shape), -1.0, 1.0))
     report = {

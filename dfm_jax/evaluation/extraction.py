@@ -12,22 +12,12 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh
 
 from dfm_jax import parallel
 from dfm_jax.evaluation.features import FeatureExtractor
 from dfm_jax.evaluation.scores import IDS_KEY, local_rows
-
-
-def uint8_to_unit(images: jax.Array) -> jax.Array:
-    """uint8 [0, 255] -> float32 [-1, 1] (the inverse of ``viz.to_uint8`` on its grid)."""
-    return images.astype(jnp.float32) / 127.5 - 1.0
-
-
-def to_uint8(images: jax.Array) -> jax.Array:
-    """float [-1, 1] -> uint8, rounding and clipping as ``viz.to_uint8``."""
-    return jnp.clip(jnp.round((images.astype(jnp.float32) + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+from dfm_jax.utils import viz
 
 
 class FeatureFunction:
@@ -67,7 +57,7 @@ class FeatureFunction:
         }
 
         def features(params, images, ids):
-            x = uint8_to_unit(images)
+            x = viz.from_uint8(images)
             out = {IDS_KEY: ids}
             for name, extractor in self.extractors.items():
                 result = extractor.apply(params[name], x)
@@ -93,9 +83,3 @@ class FeatureFunction:
     def local_rows(self, images: jax.Array, ids: jax.Array):
         """``scores.local_rows`` of this batch's features (blocks until computed)."""
         return local_rows(self(images, ids))
-
-
-def global_from_host(values: np.ndarray, sharding) -> jax.Array:
-    """A batch-sharded global array from a host array that every process holds whole."""
-    values = np.asarray(values)
-    return jax.make_array_from_callback(values.shape, sharding, lambda index: values[index])

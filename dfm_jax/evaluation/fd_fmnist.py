@@ -33,6 +33,7 @@ from absl import logging
 from dfm_jax.data.fashion_mnist import FashionMnistSource
 from dfm_jax.evaluation import metrics
 from dfm_jax.models.classifier import SmallConvNet
+from dfm_jax.utils import files
 
 RESOLUTION = 32
 MIN_TEST_ACCURACY = 0.90
@@ -210,7 +211,7 @@ class FdFmnist:
 
     def _save(self, stem: str) -> None:
         os.makedirs(os.path.dirname(stem), exist_ok=True)
-        _atomic_write(stem + ".msgpack", flax.serialization.to_bytes(self.params))
+        files.atomic_write_bytes(stem + ".msgpack", flax.serialization.to_bytes(self.params))
         self.reference.to_npz(stem + "_test_stats.npz")
         record = {
             "test_accuracy": self.test_accuracy,
@@ -218,7 +219,7 @@ class FdFmnist:
             "cache_version": CACHE_VERSION,
         }
         # The JSON record is written last: its presence marks a complete cache entry.
-        _atomic_write(stem + ".json", json.dumps(record, indent=2).encode())
+        files.atomic_write_bytes(stem + ".json", json.dumps(record, indent=2).encode())
 
     @classmethod
     def _load(cls, stem: str, settings: TrainingSettings) -> FdFmnist:
@@ -231,10 +232,3 @@ class FdFmnist:
             params = flax.serialization.from_bytes(template, f.read())
         reference = metrics.RunningStatistics.from_npz(stem + "_test_stats.npz")
         return cls(settings, params, float(record["test_accuracy"]), reference)
-
-
-def _atomic_write(path: str, payload: bytes) -> None:
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "wb") as f:
-        f.write(payload)
-    os.replace(temporary, path)

@@ -34,6 +34,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from dfm_jax.evaluation import fd_fmnist
 from dfm_jax.models import dinov2 as dinov2_model
 from dfm_jax.models import inception as inception_model
 
@@ -152,16 +153,30 @@ def _fd_fmnist_apply(model, params, images):
 
 def fd_fmnist_extractor(fd) -> FeatureExtractor:
     """The FD-FMNIST classifier's features (``dfm_jax.evaluation.fd_fmnist.FdFmnist``)."""
-    from dfm_jax.evaluation import fd_fmnist as fd_fmnist_lib
-
     return FeatureExtractor(
         name="fd_fmnist",
         outputs={"features": int(fd.settings.feature_dim)},
         apply=functools.partial(_fd_fmnist_apply, fd.settings.model()),
         params=fd.params,
-        channels=(1,),
-        resolution=fd_fmnist_lib.RESOLUTION,
+        **INPUTS["fd_fmnist"],
     )
+
+
+#: The images each extractor accepts (``FeatureExtractor.channels`` / ``resolution``); the
+#: FD-FMNIST classifier takes the demo's 32x32 grayscale images only.
+INPUTS: dict[str, dict[str, Any]] = {
+    "inception": {},
+    "dinov2": {},
+    "fd_fmnist": {"channels": (1,), "resolution": fd_fmnist.RESOLUTION},
+}
+
+
+def check_metrics_input(metric_names: Sequence[str], image_shape: Sequence[int]) -> None:
+    """Raises ``ValueError`` unless every metric's extractor accepts ``image_shape``
+    (checked before any network is loaded)."""
+    for name in sorted(needed_extractors(metric_names)):
+        stand_in = FeatureExtractor(name=name, outputs={}, apply=None, **INPUTS.get(name, {}))
+        stand_in.check_input(image_shape)
 
 
 @dataclasses.dataclass(frozen=True)

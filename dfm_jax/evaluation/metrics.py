@@ -8,7 +8,8 @@ DINOv2 for FDD) run elsewhere and hand their ``(N, D)`` features in.
   stream of features, merges partial results (chunks, processes) and saves them
   as ``.npz`` with ``mu``, ``sigma`` and ``num_samples``, the keys of ADM
   reference batches.
-- ``gather_across_processes`` combines the statistics of every JAX process.
+- ``gather_across_processes`` combines the statistics of every JAX process;
+  ``allgather_exact`` gathers any float64 / int64 array bit for bit.
 - ``frechet_distance`` is the FID/FDD formula of pytorch-fid and ADM:
   ``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrtm(S1 S2))``.
 - ``inception_score`` follows the original TF code (Salimans et al. 2016).
@@ -19,8 +20,8 @@ DINOv2 for FDD) run elsewhere and hand their ``(N, D)`` features in.
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 import warnings
 from typing import Any
 
@@ -29,6 +30,8 @@ import numpy as np
 import scipy.linalg
 import scipy.special
 from jax.experimental import multihost_utils
+
+from dfm_jax.utils import files
 
 STATISTICS_KEYS = ("mu", "sigma")
 SPATIAL_STATISTICS_KEYS = ("mu_s", "sigma_s")
@@ -147,29 +150,15 @@ class RunningStatistics:
     def to_npz(self, path: str | os.PathLike) -> None:
         """Writes ``mu``, ``sigma`` and ``num_samples`` to ``path`` atomically.
 
-        The file is written next to ``path`` under a temporary name and moved into
-        place with ``os.replace``, so readers never see a partial file (local and
-        POSIX-like file systems). ``sigma`` is all NaN for fewer than 2 samples.
-        ``from_npz`` resumes from it exactly up to float64 rounding
-        (``m2 = sigma * (N - 1)``).
+        ``files.atomic_write_bytes`` writes it under a temporary name and renames it
+        into place, so readers never see a partial file. ``sigma`` is all NaN for
+        fewer than 2 samples. ``from_npz`` resumes from it exactly up to float64
+        rounding (``m2 = sigma * (N - 1)``).
         """
-        path = os.fspath(path)
         sigma = self.covariance if self._count >= 2 else np.full_like(self._m2, np.nan)
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, temp_path = tempfile.mkstemp(
-            dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp"
-        )
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, mu=self._mean, sigma=sigma, num_samples=np.int64(self._count))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temp_path, path)
-        except BaseException:
-            if os.path.exists(temp_path):
-                os.remove(temp_path)
-            raise
+        buffer = io.BytesIO()
+        np.savez(buffer, mu=self._mean, sigma=sigma, num_samples=np.int64(self._count))
+        files.atomic_write_bytes(path, buffer.getvalue())
 
     @classmethod
     def from_npz(cls, path: str | os.PathLike) -> RunningStatistics:
@@ -197,41 +186,38 @@ class RunningStatistics:
         return f"RunningStatistics(dim={self.dim}, count={self._count})"
 
 
-def _u32(x: np.ndarray) -> np.ndarray:
-    """The bytes of a 64-bit array as uint32, so transfers cannot round them."""
-    return np.ascontiguousarray(x).view(np.uint32)
+def allgather_exact(x: np.ndarray) -> np.ndarray:
+    """``(process_count, *x.shape)``: ``x`` of every process in process order, bit for bit.
+
+    A collective: call it on every process, with the same shape and dtype. The
+    array travels as its raw bytes viewed as uint32 (with 64-bit types disabled JAX
+    would round float64 to float32 and int64 to int32), so its item size must be a
+    multiple of 4 bytes. With one process it returns a copy of ``x[None]``.
+    """
+    x = np.ascontiguousarray(x)
+    if jax.process_count() == 1:
+        return x[None].copy()
+    gathered = np.asarray(multihost_utils.process_allgather(x.view(np.uint32)))
+    return np.ascontiguousarray(gathered).view(x.dtype).reshape(-1, *x.shape)
 
 
 def gather_across_processes(stats: RunningStatistics) -> RunningStatistics:
     """Combines the statistics of all JAX processes; every process gets the total.
 
     Call it on every process (it is a collective). Each process's ``count``,
-    ``mean`` and ``m2`` go through ``multihost_utils.process_allgather`` as
-    their raw bytes viewed as uint32 (with 64-bit types disabled, JAX would
-    otherwise round float64 to float32), and are merged in process order, so all
-    processes compute bitwise the same result. With one process it returns an
-    equal copy of ``stats``.
+    ``mean`` and ``m2`` go through ``allgather_exact`` (bit-exact float64) and are
+    merged in process order, so all processes compute bitwise the same result.
+    With one process it returns an equal copy of ``stats``.
     """
-    local = (
-        _u32(np.asarray([stats.count], np.int64)),
-        _u32(stats._mean),
-        _u32(stats._m2),
-    )
-    if jax.process_count() == 1:
-        gathered = tuple(a[None] for a in local)
-    else:
+    if jax.process_count() > 1:
         dims = multihost_utils.process_allgather(np.asarray([stats.dim], np.int32))
         if np.any(dims != stats.dim):
             raise ValueError(f"processes hold statistics of different dims {dims.ravel()}")
-        gathered = multihost_utils.process_allgather(local)
-    counts, means, m2s = gathered
+    counts = allgather_exact(np.asarray([stats.count], np.int64))
+    means, m2s = allgather_exact(stats._mean), allgather_exact(stats._m2)
     total = RunningStatistics(stats.dim)
     for count, mean, m2 in zip(counts, means, m2s, strict=True):
-        total._combine(
-            int(np.ascontiguousarray(count).view(np.int64)[0]),
-            np.ascontiguousarray(mean).view(np.float64),
-            np.ascontiguousarray(m2).view(np.float64),
-        )
+        total._combine(int(count[0]), mean, m2)
     return total
 
 

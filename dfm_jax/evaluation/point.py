@@ -1,10 +1,11 @@
 """One sweep point: class-balanced labels -> samples -> features -> metric values.
 
-``evaluate_point`` generates ``num_samples`` samples batch by batch on the model's
-mesh (labels and sample ids as batch-sharded global arrays, one noise key per
-batch), quantises them to uint8, runs the ``FeatureFunction`` and streams each
-process's rows into fresh metric accumulators; optionally it also streams the
-samples into an ADM ``.npz`` and keeps the first few for a PNG grid.
+``make_sampler`` compiles, once per point, the program that generates a batch of
+samples from the EMA parameters, decodes them to pixels and quantises them to uint8.
+``evaluate_point`` runs it batch by batch on the model's mesh (labels and sample ids as
+batch-sharded global arrays, one noise key per batch), runs the ``FeatureFunction`` and
+streams each process's rows into fresh metric accumulators; optionally it also streams
+the samples into an ADM ``.npz`` and keeps the first few for a PNG grid.
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from dfm_jax import parallel
 from dfm_jax.evaluation import references, results
-from dfm_jax.evaluation.extraction import FeatureFunction, global_from_host, to_uint8
+from dfm_jax.evaluation.extraction import FeatureFunction
 from dfm_jax.evaluation.features import METRICS
 from dfm_jax.evaluation.scores import FrechetScore, InceptionScoreStream, PrecisionRecallScore
 from dfm_jax.evaluation.sweep import SweepPoint
-from dfm_jax.method import generation as generate_lib
+from dfm_jax.method import generation
 from dfm_jax.training import setup as setup_lib
+from dfm_jax.utils import viz
 
 #: Model space -> pixels in [-1, 1]: a pytree callable (a ``Codec`` or an
 #: ``decoding.FunctionDecoder``), passed to the jitted sampler as an argument.
@@ -54,10 +57,22 @@ def class_balanced_labels(num_samples: int, num_classes: int, seed: int) -> np.n
 
 @dataclasses.dataclass
 class PointContext:
-    """What every sweep point of one run shares."""
+    """What every sweep point of one evaluator shares (built once, ``evaluators.Evaluator``).
+
+    Attributes:
+      setup: the run's setup (method, mesh).
+      features: the feature networks as one program on the mesh.
+      make_scores: a factory of fresh metric accumulators.
+      labels: ``(num_samples,)`` int32 class-balanced labels.
+      batch_size: global generation batch (divisible by the data-parallel devices).
+      seed: batch b draws its noise from ``fold_in(key(seed), b)``: every point and every
+        checkpoint sees the same noise.
+      decode: model space -> pixels in [-1, 1] (a jit argument).
+      image_shape: one decoded sample, ``(H, W, C)``.
+      eval_dir: where sample files go.
+    """
 
     setup: setup_lib.Setup
-    params: Any
     features: FeatureFunction
     make_scores: Callable[[], list]
     labels: np.ndarray
@@ -66,9 +81,6 @@ class PointContext:
     decode: Decode
     image_shape: tuple[int, ...]
     eval_dir: str
-    step: int
-    save_npz: bool
-    save_png: int
 
 
 def make_score_factory(
@@ -118,81 +130,100 @@ def make_score_factory(
     return make_scores
 
 
-def evaluate_point(ctx: PointContext, point: SweepPoint) -> dict[str, Any]:
-    """Generates, extracts and scores one sweep point; returns its metric values and speeds."""
-    setup, batch_size = ctx.setup, ctx.batch_size
-    generate = generate_lib.make_generate_fn(
-        setup.model,
-        setup.step_config.decomposition,
-        setup.example_shape,
-        point.sampling_config(setup.config.sampling),
-        null_label=setup.num_classes,
-    )
-    sharding = ctx.features.sharding
+def make_sampler(ctx: PointContext, point: SweepPoint) -> setup_lib.MeshBound:
+    """The compiled ``(params, decode, key, labels) -> uint8 samples`` of one sweep point."""
+    generate = generation.make_generate_fn(ctx.setup.method, point)
 
     def sample(params, decode, key, labels):
-        return to_uint8(decode(generate(params, key, labels)))
+        return viz.to_uint8(decode(generate(params, key, labels)))
 
-    sample_fn = setup_lib.MeshBound(
-        jax.jit(sample, out_shardings=sharding), setup.mesh, setup_lib._rules(setup)
-    )
+    return ctx.setup.bind(jax.jit(sample, out_shardings=ctx.features.sharding))
+
+
+class _SampleFiles:
+    """The optional ADM ``.npz`` of all samples and PNG grid of the first ones (process 0)."""
+
+    def __init__(self, ctx: PointContext, name: str, step: int, save_npz: bool, save_png: int):
+        self.ctx, self.save_npz, self.save_png = ctx, save_npz, save_png
+        self.png_path = os.path.join(ctx.eval_dir, f"samples_step{step}_{name}.png")
+        self.main = jax.process_index() == 0
+        self.npz = None
+        if save_npz and self.main:
+            count = len(ctx.labels)
+            path = os.path.join(ctx.eval_dir, f"samples_step{step}_{name}_n{count}.npz")
+            self.npz = results.AdmNpzWriter(path, ctx.image_shape, ctx.labels)
+        self.kept: list[np.ndarray] = []
+
+    def add(self, images: jax.Array, valid: int) -> None:
+        if not (self.save_npz or len(self.kept) * self.ctx.batch_size < self.save_png):
+            return
+        host = np.asarray(multihost_utils.process_allgather(images, tiled=True))[:valid]
+        if self.npz is not None:
+            self.npz.write(host)
+        self.kept.append(host)
+
+    def close(self) -> None:
+        if self.npz is not None:
+            self.npz.close()
+            logging.info("Saved %d samples to %s", len(self.ctx.labels), self.npz.path)
+        if self.save_png and self.main:
+            results.save_png_grid(self.png_path, np.concatenate(self.kept)[: self.save_png])
+
+    def abort(self) -> None:
+        if self.npz is not None:
+            self.npz.abort()
+
+
+def evaluate_point(
+    ctx: PointContext,
+    point: SweepPoint,
+    sampler: setup_lib.MeshBound,
+    params: Any,
+    step: int,
+    *,
+    save_npz: bool = False,
+    save_png: int = 0,
+) -> dict[str, Any]:
+    """Generates, extracts and scores one sweep point; returns its metric values and speeds.
+
+    Speeds leave out the first batch (it compiles) when there is more than one.
+    """
     scores = ctx.make_scores()
-    num_samples = len(ctx.labels)
+    files = _SampleFiles(ctx, point.name, step, save_npz, save_png)
+    num_samples, batch_size = len(ctx.labels), ctx.batch_size
     num_batches = -(-num_samples // batch_size)
-    is_main = jax.process_index() == 0
-    npz = None
-    if ctx.save_npz and is_main:
-        path = os.path.join(ctx.eval_dir, f"samples_step{ctx.step}_{point.name}_n{num_samples}.npz")
-        npz = results.AdmNpzWriter(path, ctx.image_shape, ctx.labels)
-    grid_images = []
-    base_key = jax.random.key(ctx.seed)
     timings = np.zeros((num_batches, 2))
     start_time = time.perf_counter()
-    progress = tqdm(total=num_samples, desc=point.name, unit="img", disable=not is_main)
+    progress = tqdm(
+        total=num_samples, desc=point.name, unit="img", disable=jax.process_index() != 0
+    )
     try:
         for b in range(num_batches):
             start = b * batch_size
             valid = min(batch_size, num_samples - start)
-            ids = np.full(batch_size, -1, np.int32)
-            ids[:valid] = np.arange(start, start + valid)
-            labels = np.zeros(batch_size, np.int32)
-            labels[:valid] = ctx.labels[start : start + valid]
-            t0 = time.perf_counter()
-            images = sample_fn(
-                ctx.params,
-                ctx.decode,
-                jax.random.fold_in(base_key, b),
-                global_from_host(labels, sharding),
+            host = parallel.pad_batch(
+                {"label": ctx.labels[start : start + valid]}, batch_size, first_id=start
             )
-            images.block_until_ready()
+            t0 = time.perf_counter()
+            labels = parallel.global_from_host(host["label"], ctx.features.sharding)
+            key = jax.random.fold_in(jax.random.key(ctx.seed), b)
+            images = sampler(params, ctx.decode, key, labels).block_until_ready()
             t1 = time.perf_counter()
-            row_ids, blocks = ctx.features.local_rows(images, global_from_host(ids, sharding))
+            ids = parallel.global_from_host(host["id"], ctx.features.sharding)
+            row_ids, blocks = ctx.features.local_rows(images, ids)
             for score in scores:
                 score.update(row_ids, blocks[f"{score.metric.extractor}/{score.metric.output}"])
             timings[b] = (t1 - t0, time.perf_counter() - t1)
-            if ctx.save_npz or len(grid_images) * batch_size < ctx.save_png:
-                host = np.asarray(multihost_utils.process_allgather(images, tiled=True))[:valid]
-                if npz is not None:
-                    npz.write(host)
-                grid_images.append(host)
+            files.add(images, valid)
             progress.update(valid)
             progress.set_postfix(gen_img_s=f"{valid / timings[b, 0]:.1f}")
-        values = {}
-        for score in scores:
-            values.update(score.result())
-        if npz is not None:
-            npz.close()
-            logging.info("Saved %d samples to %s", num_samples, npz.path)
+        values = {name: v for score in scores for name, v in score.result().items()}
+        files.close()
     except BaseException:
-        if npz is not None:
-            npz.abort()
+        files.abort()
         raise
     finally:
         progress.close()
-    if ctx.save_png and is_main:
-        path = os.path.join(ctx.eval_dir, f"samples_step{ctx.step}_{point.name}.png")
-        results.save_png_grid(path, np.concatenate(grid_images)[: ctx.save_png])
-    # The first batch compiles; measure speed on the others when there are any.
     measured = timings[1:] if num_batches > 1 else timings
     images_measured = num_samples - batch_size if num_batches > 1 else num_samples
     values["gen_images_per_s"] = images_measured / max(measured[:, 0].sum(), 1e-9)

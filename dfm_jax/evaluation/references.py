@@ -20,22 +20,23 @@ fd_fmnist  (none)                                    the FD-FMNIST cache's test 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import jax
-import ml_collections
 import numpy as np
 from absl import logging
 from tqdm import tqdm
 
+from dfm_jax import config as config_lib
 from dfm_jax import data, parallel
-from dfm_jax.evaluation import metrics, results
+from dfm_jax.evaluation import metrics
 from dfm_jax.evaluation.extraction import FeatureFunction
 from dfm_jax.evaluation.features import METRICS, FeatureExtractor, needed_extractors
 from dfm_jax.evaluation.scores import allgather_rows
-from dfm_jax.utils import viz
+from dfm_jax.utils import files, viz
 
 REFERENCE_METRICS = ("fid", "fdd", "pr")
 _WEIGHT_FLAGS = {"inception": "--inception_weights", "dinov2": "--dinov2_weights"}
@@ -169,18 +170,10 @@ def extract_host_images(
 ) -> np.ndarray:
     """Features ``output`` of uint8 host images every process holds, in order, float32."""
     rows = []
-    count = len(images)
-    for start in range(0, count, batch_size):
+    for start in range(0, len(images), batch_size):
         block = images[start : start + batch_size]
-        ids = np.arange(start, start + batch_size, dtype=np.int32)
-        ids[len(block) :] = -1
-        padded = np.zeros((batch_size, *images.shape[1:]), np.uint8)
-        padded[: len(block)] = block
-        batch = parallel.make_global_batch(
-            {"image": padded[_local_slice(batch_size)], "id": ids[_local_slice(batch_size)]},
-            function.mesh,
-            parallel.BATCH_AXES,
-        )
+        host = parallel.pad_batch({"image": block}, batch_size, first_id=start)
+        batch = {k: parallel.global_from_host(v, function.sharding) for k, v in host.items()}
         local_ids, blocks = function.local_rows(batch["image"], batch["id"])
         rows.append((local_ids, blocks[output]))
     # Ids (< 2**24) travel exactly as float32 rows.
@@ -189,13 +182,8 @@ def extract_host_images(
     return features[np.argsort(ids[:, 0], kind="stable")]
 
 
-def _local_slice(global_size: int) -> slice:
-    local = data.local_batch_size(global_size, jax.process_count())
-    return slice(jax.process_index() * local, (jax.process_index() + 1) * local)
-
-
 def compute_reference(
-    config: ml_collections.ConfigDict,
+    settings: config_lib.Settings,
     output: str,
     metric_names: Sequence[str],
     extractors: Mapping[str, FeatureExtractor],
@@ -212,7 +200,7 @@ def compute_reference(
     seeded shuffled order, images quantised to uint8 as samples are.
 
     Args:
-      config: the experiment config (``data``, ``mesh``, ``seed``, ``batch_size``).
+      settings: the experiment's settings (``data``, ``mesh``, ``seed``, ``batch_size``).
       output: the ``.npz`` to write.
       metric_names: metrics whose references to compute (fid, fdd, pr; others are
         skipped: they need no reference or bring their own).
@@ -226,6 +214,32 @@ def compute_reference(
     Returns:
       Metric -> number of images its reference covers.
     """
+    names = _reference_metrics(metric_names)
+    source = _pixel_source(settings.data, split)
+    mesh = mesh or parallel.create_mesh(settings.mesh.as_dict())
+    batch_size = int(batch_size or settings.batch_size)
+    dp = parallel.data_parallel_size(mesh)
+    if batch_size % dp:
+        raise ValueError(
+            f"batch size {batch_size} is not divisible by the {dp} data-parallel devices"
+        )
+    function = FeatureFunction(extractors, needed_extractors(names), mesh)
+    function.check_input(tuple(source.example_shape))
+    dims = {m: extractors[METRICS[m].extractor].outputs[METRICS[m].output] for m in names}
+    reference = _ReferenceAccumulator(names, dims, pr_samples)
+    for blocks in _feature_blocks(function, source, batch_size, settings.seed, num_samples):
+        reference.update(blocks)
+    arrays, counts = reference.result()
+    if jax.process_index() == 0:
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        files.atomic_write_bytes(output, buffer.getvalue())
+        logging.info("Wrote reference statistics %s to %s", counts, output)
+    return counts
+
+
+def _reference_metrics(metric_names: Sequence[str]) -> list[str]:
+    """The metrics of ``metric_names`` that have a reference to compute (fid, fdd, pr)."""
     names = [m for m in metric_names if m in REFERENCE_METRICS]
     skipped = sorted(set(metric_names) - set(names))
     if skipped:
@@ -234,27 +248,35 @@ def compute_reference(
         )
     if not names:
         raise ValueError(f"none of {list(metric_names)} uses reference statistics; use fid/fdd/pr")
-    data_config = ml_collections.ConfigDict(config.data.to_dict())
-    if split:
-        data_config.split = split
-    source = data.make_source(data_config)
+    return names
+
+
+def _pixel_source(settings: config_lib.DataSettings, split: str | None) -> data.Source:
+    """The source of the data settings (``split`` if given); it must hold pixel images."""
+    source = data.make_source(dataclasses.replace(settings, split=split or settings.split))
     if isinstance(source, data.ArrayRecordLatentSource):
         raise ValueError(
             "reference statistics are computed on pixels, but config.data is a latent dataset "
             "(array_record); decoding latents needs the autoencoder: point config.data at the "
             "pixel images (image_folder / tfds) instead"
         )
-    mesh = mesh or parallel.create_mesh(dict(config.mesh))
-    batch_size = int(batch_size or config.batch_size)
-    dp = parallel.data_parallel_size(mesh)
-    if batch_size % dp:
-        raise ValueError(
-            f"batch size {batch_size} is not divisible by the {dp} data-parallel devices"
-        )
-    needed = needed_extractors(names)
-    function = FeatureFunction(extractors, needed, mesh)
-    function.check_input(tuple(source.example_shape))
+    return source
 
+
+def _feature_blocks(
+    function: FeatureFunction,
+    source: data.Source,
+    batch_size: int,
+    seed: int,
+    num_samples: int | None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """This process's feature rows (``{"<extractor>/<output>": (n, D)}``) of each batch.
+
+    Every process reads its shard of ``source`` (seeded shuffle) and takes its share
+    of the ``num_samples`` images (default: all, up to a multiple of the process
+    count); each local batch is padded to ``batch_size / process_count`` rows (id -1)
+    and the processes run the same number of global batches.
+    """
     processes, process = jax.process_count(), jax.process_index()
     per_process = len(source) // processes
     total = min(int(num_samples or per_process * processes), per_process * processes)
@@ -265,52 +287,57 @@ def compute_reference(
     dataset = data.make_dataset(
         source,
         global_batch_size=batch_size,
-        seed=int(config.seed),
+        seed=seed,
         num_epochs=1,
         shuffle=True,
         drop_remainder=False,
     )
     iterator = iter(dataset)
-    dims = {m: extractors[METRICS[m].extractor].outputs[METRICS[m].output] for m in names}
-    stats = {m: metrics.RunningStatistics(dims[m]) for m in names if m != "pr"}
-    pr_rows, pr_limit = [], -(-pr_samples // processes)
     seen = 0
     for _ in tqdm(range(num_batches), desc="reference", unit="batch", disable=process != 0):
-        images = np.zeros((local_batch, *source.example_shape), np.uint8)
-        ids = np.full((local_batch,), -1, np.int32)
-        take = min(local_batch, limit - seen)
-        if take > 0:
-            batch = next(iterator)
-            take = min(take, len(batch["image"]))
-            images[:take] = viz.to_uint8(batch["image"][:take])
-            ids[:take] = np.arange(seen, seen + take)
-            seen += take
-        global_batch = parallel.make_global_batch(
-            {"image": images, "id": ids}, mesh, parallel.BATCH_AXES
-        )
-        _, blocks = function.local_rows(global_batch["image"], global_batch["id"])
-        for name in stats:
+        images = np.zeros((0, *source.example_shape), np.uint8)
+        if limit - seen > 0:
+            images = viz.to_uint8(next(iterator)["image"][: min(local_batch, limit - seen)])
+        host = parallel.pad_batch({"image": images}, local_batch, first_id=seen)
+        seen += len(images)
+        batch = parallel.make_global_batch(host, function.mesh, parallel.BATCH_AXES)
+        yield function.local_rows(batch["image"], batch["id"])[1]
+
+
+class _ReferenceAccumulator:
+    """Streams feature blocks into the references of ``names`` (fid, fdd, pr).
+
+    fid/fdd keep float64 ``metrics.RunningStatistics``; pr keeps the first
+    ``pr_samples`` Inception pool3 rows (each process up to its share).
+    """
+
+    def __init__(self, names: Sequence[str], dims: Mapping[str, int], pr_samples: int):
+        self.names, self.dims, self.pr_samples = list(names), dims, pr_samples
+        self.stats = {m: metrics.RunningStatistics(dims[m]) for m in names if m != "pr"}
+        self.pr_rows: list[np.ndarray] = []
+        self.pr_limit = -(-pr_samples // jax.process_count())
+
+    def update(self, blocks: Mapping[str, np.ndarray]) -> None:
+        for name, stats in self.stats.items():
             metric = METRICS[name]
-            stats[name].update(blocks[f"{metric.extractor}/{metric.output}"])
-        if "pr" in names and sum(len(r) for r in pr_rows) < pr_limit:
-            pr_rows.append(blocks["inception/pool3"])
-    arrays: dict[str, np.ndarray] = {}
-    counts = {}
-    for name, local in stats.items():
-        gathered = metrics.gather_across_processes(local)
-        prefix = "" if name == "fid" else f"{name}_"
-        arrays[f"{prefix}mu"] = gathered.mean
-        arrays[f"{prefix}sigma"] = gathered.covariance
-        arrays[f"{prefix}num_samples"] = np.int64(gathered.count)
-        counts[name] = gathered.count
-    if "pr" in names:
-        empty = np.zeros((0, dims["pr"]), np.float32)
-        local = np.concatenate(pr_rows)[:pr_limit] if pr_rows else empty
-        arrays["pr_features"] = allgather_rows(local)[:pr_samples]
-        counts["pr"] = len(arrays["pr_features"])
-    if process == 0:
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
-        results.atomic_write_bytes(output, buffer.getvalue())
-        logging.info("Wrote reference statistics %s to %s", counts, output)
-    return counts
+            stats.update(blocks[f"{metric.extractor}/{metric.output}"])
+        if "pr" in self.names and sum(len(r) for r in self.pr_rows) < self.pr_limit:
+            self.pr_rows.append(blocks["inception/pool3"])
+
+    def result(self) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+        """``(arrays of the .npz, metric -> images covered)``; a collective over processes."""
+        arrays: dict[str, np.ndarray] = {}
+        counts = {}
+        for name, local in self.stats.items():
+            gathered = metrics.gather_across_processes(local)
+            prefix = "" if name == "fid" else f"{name}_"
+            arrays[f"{prefix}mu"] = gathered.mean
+            arrays[f"{prefix}sigma"] = gathered.covariance
+            arrays[f"{prefix}num_samples"] = np.int64(gathered.count)
+            counts[name] = gathered.count
+        if "pr" in self.names:
+            empty = np.zeros((0, self.dims["pr"]), np.float32)
+            local = np.concatenate(self.pr_rows)[: self.pr_limit] if self.pr_rows else empty
+            arrays["pr_features"] = allgather_rows(local)[: self.pr_samples]
+            counts["pr"] = len(arrays["pr_features"])
+        return arrays, counts

@@ -31,7 +31,7 @@ import numpy as np
 from etils import epath
 
 from dfm_jax.evaluation.features import METRIC_COLUMNS
-from dfm_jax.utils import viz
+from dfm_jax.utils import files, viz
 
 KEY_COLUMNS = (
     "step",
@@ -80,15 +80,6 @@ def row_key(row: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(format_value(c, row.get(c, "")) for c in KEY_COLUMNS)
 
 
-def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
-    """Writes ``payload`` to a temporary file next to ``path``, then renames it into place."""
-    path = epath.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    temporary.write_bytes(payload)
-    temporary.replace(path)
-
-
 def read_results(eval_dir: str | os.PathLike) -> list[dict[str, str]]:
     """The rows of ``eval_dir/results.csv`` (empty when absent)."""
     path = epath.Path(eval_dir) / RESULTS_CSV
@@ -108,10 +99,10 @@ def write_results(eval_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]]
     for row in rows:
         writer.writerow({c: format_value(c, row.get(c, "")) for c in columns})
     directory = epath.Path(eval_dir)
-    atomic_write_bytes(directory / RESULTS_CSV, buffer.getvalue().encode())
+    files.atomic_write_bytes(directory / RESULTS_CSV, buffer.getvalue().encode())
     table = markdown_table([{c: format_value(c, row.get(c, "")) for c in columns} for row in rows])
     header = "# Evaluation results\n\nGenerated from results.csv by dfm_jax.eval.\n\n"
-    atomic_write_bytes(directory / RESULTS_MD, (header + table).encode())
+    files.atomic_write_bytes(directory / RESULTS_MD, (header + table).encode())
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -145,9 +136,8 @@ class AdmNpzWriter:
     """
 
     def __init__(self, path: str | os.PathLike, image_shape: Sequence[int], labels: np.ndarray):
-        self.path = epath.Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.temporary = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}"
+        self._target = files.AtomicPath(path)
+        self.path, self.temporary = self._target.path, self._target.temporary
         self.labels = np.asarray(labels, np.int64)
         self.shape = (len(self.labels), *(int(s) for s in image_shape))
         self.written = 0
@@ -176,14 +166,13 @@ class AdmNpzWriter:
             np.lib.format.write_array(f, self.labels, allow_pickle=False)
         self._zip.close()
         self._file.close()
-        self.temporary.replace(self.path)
+        self._target.commit()
 
     def abort(self) -> None:
         for closable in (self._entry, self._zip, self._file):
             with contextlib.suppress(ValueError, OSError):
                 closable.close()
-        if self.temporary.exists():
-            self.temporary.unlink()
+        self._target.discard()
 
 
 def save_png_grid(path: str | os.PathLike, images: np.ndarray, columns: int | None = None) -> None:
@@ -191,8 +180,8 @@ def save_png_grid(path: str | os.PathLike, images: np.ndarray, columns: int | No
     images = np.asarray(images, np.uint8)
     if columns is None:
         columns = max(1, int(np.ceil(np.sqrt(len(images)))))
-    grid = viz.image_grid(images.astype(np.float32) / 127.5 - 1.0, columns=columns)
-    atomic_write_bytes(path, viz.png_bytes(grid))
+    grid = viz.image_grid(viz.from_uint8(images), columns=columns)
+    files.atomic_write_bytes(path, viz.png_bytes(grid))
 
 
 def summary_table(rows: Iterable[Mapping[str, Any]]) -> str:

@@ -55,22 +55,6 @@ def local_rows(outputs: dict[str, jax.Array]) -> tuple[np.ndarray, dict[str, np.
     return np.concatenate(ids), {name: np.concatenate(b) for name, b in blocks.items()}
 
 
-def _u32(x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(x).view(np.uint32)
-
-
-def allgather_float64(x: np.ndarray) -> np.ndarray:
-    """``(process_count, *x.shape)`` float64 from every process, bit-exact.
-
-    Float64 travels as its bytes viewed as uint32 (JAX without x64 would round it).
-    """
-    x = np.asarray(x, np.float64)
-    if jax.process_count() == 1:
-        return x[None].copy()
-    gathered = np.asarray(multihost_utils.process_allgather(_u32(x)))
-    return np.ascontiguousarray(gathered).view(np.float64).reshape(-1, *x.shape)
-
-
 def allgather_rows(rows: np.ndarray) -> np.ndarray:
     """Concatenates every process's float32 ``(n_p, D)`` rows in process order."""
     rows = np.asarray(rows, np.float32)
@@ -80,8 +64,7 @@ def allgather_rows(rows: np.ndarray) -> np.ndarray:
     counts = counts.reshape(-1)
     padded = np.zeros((int(counts.max()), *rows.shape[1:]), np.float32)
     padded[: len(rows)] = rows
-    gathered = np.asarray(multihost_utils.process_allgather(_u32(padded)))
-    gathered = np.ascontiguousarray(gathered).view(np.float32).reshape(-1, *padded.shape)
+    gathered = metrics.allgather_exact(padded)
     return np.concatenate([g[:n] for g, n in zip(gathered, counts, strict=True)])
 
 
@@ -131,9 +114,9 @@ class InceptionScoreStream:
         np.add.at(self.sum_plogp, part, plogp)
 
     def result(self) -> dict[str, float]:
-        counts = allgather_float64(self.counts).sum(0)
-        sum_probs = allgather_float64(self.sum_probs).sum(0)
-        sum_plogp = allgather_float64(self.sum_plogp).sum(0)
+        counts = metrics.allgather_exact(self.counts).sum(0)
+        sum_probs = metrics.allgather_exact(self.sum_probs).sum(0)
+        sum_plogp = metrics.allgather_exact(self.sum_plogp).sum(0)
         if np.any(counts == 0):
             raise ValueError(f"an IS split received no samples (counts {counts})")
         marginal = sum_probs / counts[:, None]

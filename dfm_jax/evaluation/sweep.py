@@ -32,13 +32,12 @@ import itertools
 import math
 from collections.abc import Iterable, Sequence
 
-import ml_collections
-
+from dfm_jax.evaluation.features import METRICS
 from dfm_jax.method import sampling
 
 SWEEP_KEYS = ("cfg", "tau", "steps", "solver", "interval")
 #: Metric names accepted by ``parse_metrics``, in the order results list them.
-METRIC_NAMES = ("fid", "fdd", "is", "pr", "fd_fmnist")
+METRIC_NAMES = tuple(METRICS)
 
 
 def _float_text(value: float) -> str:
@@ -47,14 +46,8 @@ def _float_text(value: float) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class SweepPoint:
-    """One sampler setting of a sweep."""
-
-    cfg_scale: float
-    thresholds: tuple[float, ...]
-    steps_per_stage: tuple[int, ...]
-    solver: str
-    guidance_interval: tuple[float, float]
+class SweepPoint(sampling.SamplerSettings):
+    """One sampler setting of a sweep: a ``SamplerSettings`` with its result columns."""
 
     def columns(self) -> dict[str, str]:
         """Canonical text per sweep key, as written to ``results.csv``."""
@@ -72,27 +65,6 @@ class SweepPoint:
         c = self.columns()
         tau = f"_tau{c['tau']}" if c["tau"] else ""
         return f"cfg{c['cfg']}{tau}_steps{c['steps']}_{c['solver']}_int{c['interval']}"
-
-    @property
-    def nfe(self) -> int:
-        """Network evaluations per sample (guided evaluations count 2)."""
-        return sampling.num_function_evaluations(
-            self.steps_per_stage,
-            self.thresholds,
-            self.solver,
-            self.cfg_scale,
-            self.guidance_interval,
-        )
-
-    def sampling_config(self, base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-        """``base`` (a config's ``sampling`` section) with this point's settings."""
-        config = ml_collections.ConfigDict(base.to_dict())
-        config.steps_per_stage = tuple(self.steps_per_stage)
-        config.thresholds = tuple(self.thresholds)
-        config.solver = self.solver
-        config.cfg_scale = float(self.cfg_scale)
-        config.guidance_interval = tuple(self.guidance_interval)
-        return config
 
 
 def _split(text: str, separator: str, what: str, item: str) -> list[str]:
@@ -151,13 +123,13 @@ def _parse_value(key: str, text: str, num_scales: int, item: str):
 
 
 def parse_sweep(
-    spec: str, sampling_config: ml_collections.ConfigDict, num_scales: int
+    spec: str, sampling_config: sampling.SamplerSettings, num_scales: int
 ) -> list[SweepPoint]:
     """The sweep points of ``spec`` (see the module docstring), validated.
 
     Args:
       spec: e.g. ``"cfg=1.0,1.5;tau=0.9;steps=30+10"``; "" is the config's point.
-      sampling_config: the config's ``sampling`` section (values of omitted keys).
+      sampling_config: the config's sampler settings (values of omitted keys).
       num_scales: scales of the model's decomposition (1 for Flow Matching).
 
     Raises:
@@ -188,20 +160,25 @@ def parse_sweep(
         if len(set(parsed)) != len(parsed):
             raise ValueError(f"sweep {item!r} repeats a value")
         values[key] = parsed
-    points = [
-        SweepPoint(cfg, tau, steps, solver, interval)
-        for cfg, tau, steps, solver, interval in itertools.product(*(values[k] for k in SWEEP_KEYS))
-    ]
-    for point in points:
-        if len(point.steps_per_stage) != num_scales:
+    points = []
+    for cfg, tau, steps, solver, interval in itertools.product(*(values[k] for k in SWEEP_KEYS)):
+        if len(steps) != num_scales:
             raise ValueError(
-                f"config sampling.steps_per_stage {point.steps_per_stage} does not match the "
+                f"config sampling.steps_per_stage {steps} does not match the "
                 f"{num_scales} scale(s); give steps= in the sweep"
             )
-        try:
-            _ = point.nfe  # validates steps, thresholds (order, range), solver, cfg, interval
+        try:  # the sampler's own checks: steps, thresholds, solver, cfg, interval
+            point = SweepPoint(
+                steps_per_stage=steps,
+                thresholds=tau,
+                solver=solver,
+                cfg_scale=cfg,
+                guidance_interval=interval,
+            )
         except ValueError as e:
-            raise ValueError(f"sweep point {point.name}: {e}") from e
+            setting = f"cfg={cfg}, tau={tau}, steps={steps}, solver={solver}, interval={interval}"
+            raise ValueError(f"sweep point {setting}: {e}") from e
+        points.append(point)
     return points
 
 

@@ -322,3 +322,30 @@ class Standardized:
 
 Decomposition = Pyramid | Standardized
 """Anything with ``decompose`` / ``recompose`` / ``preview`` / ``num_scales``."""
+
+#: Decomposition families by name (``make``).
+KINDS = ("laplacian", "haar")
+
+
+def make(kind: str, ratios: Sequence[int], stds: Sequence[float] | None = None) -> Decomposition:
+    """The decomposition ``kind`` with coarse-to-fine ``ratios``, standardised by ``stds``.
+
+    ``"laplacian"``: ``Laplacian(ratios)``; ``"haar"``: ``HaarDWT(len(ratios))`` (x2
+    levels only); no ratios is the one-scale identity (Flow Matching). ``stds``, one
+    per scale, wrap it in ``Standardized``.
+    """
+    ratios = tuple(int(r) for r in ratios)
+    if kind not in KINDS:
+        raise ValueError(f"unknown decomposition {kind!r}; expected one of {KINDS}")
+    if kind == "haar" and ratios:
+        if any(r != 2 for r in ratios):
+            raise ValueError(f"the Haar pyramid has x2 levels only, got ratios {ratios}")
+        decomposition = HaarDWT(len(ratios))
+    else:
+        decomposition = Laplacian(ratios)
+    return decomposition if stds is None else Standardized(decomposition, tuple(stds))
+
+
+def metadata_name(kind: str, ratios: Sequence[int]) -> str:
+    """The key of a decomposition's per-scale stds in dataset metadata, e.g. "laplacian_2x2"."""
+    return f"{kind}_{'x'.join(str(int(r)) for r in ratios) or '1'}"

@@ -369,9 +369,26 @@ class DiT(nn.Module):
         mask: Array,
         labels: Array,
     ) -> tuple[Array, ...]:
-        cfg = self.config
-        dtype, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         scales = tuple(scales)
+        grid = self._check_inputs(scales, t, mask, labels)
+        t = t.astype(jnp.float32)
+        active = mask.astype(jnp.float32) > 0.5
+        tokens = self._embed_scales(scales, t, active, grid)
+        c = self._conditioning(t, active, labels)
+        tokens = self._blocks(tokens, c, grid)
+        return self._heads(tokens, c, grid)
+
+    def _module_kwargs(self) -> dict[str, Any]:
+        """The compute and parameter dtypes every submodule takes."""
+        return dict(
+            dtype=jnp.dtype(self.config.dtype), param_dtype=jnp.dtype(self.config.param_dtype)
+        )
+
+    def _check_inputs(
+        self, scales: tuple[Array, ...], t: Array, mask: Array, labels: Array
+    ) -> tuple[int, ...]:
+        """Checks the static shapes (see the class docstring); returns the token grid."""
+        cfg = self.config
         grid = token_grid(cfg, [x.shape[1:] for x in scales])
         n_scales = cfg.num_scales
         batch = scales[0].shape[0]
@@ -384,12 +401,20 @@ class DiT(nn.Module):
             )
         if labels.shape != (batch,):
             raise ValueError(f"labels must be (B,) = {(batch,)}, got {labels.shape}")
+        return grid
 
-        kw = dict(dtype=dtype, param_dtype=pdt)
-        t = t.astype(jnp.float32)
-        active = mask.astype(jnp.float32) > 0.5
+    def _embed_scales(
+        self, scales: tuple[Array, ...], t: Array, active: Array, grid: tuple[int, ...]
+    ) -> Array:
+        """Masked, preconditioned scales -> summed patch embeddings ``(B, L, width)``.
 
-        # 1-2. Masked, preconditioned inputs -> per-scale patch embeddings, summed.
+        Inactive scales (``active`` (B, S) False) enter as zeros; with
+        ``preconditioning`` scale s is multiplied by ``c_in = 1 / sqrt(t^2 sigma_s^2 +
+        (1 - t)^2)`` (t (B, S) float32, paper convention). Sin-cos positions are
+        added here; RoPE is applied in the blocks.
+        """
+        cfg, kw = self.config, self._module_kwargs()
+        batch = scales[0].shape[0]
         tokens = None
         for s, (x, p) in enumerate(zip(scales, cfg.patch_sizes, strict=True)):
             bshape = (batch,) + (1,) * (x.ndim - 1)
@@ -399,14 +424,24 @@ class DiT(nn.Module):
                 ts = t[:, s]
                 c_in = jax.lax.rsqrt(ts**2 * sig2 + (1.0 - ts) ** 2)
                 x = x * c_in.reshape(bshape)
-            emb = layers.PatchEmbed(p, cfg.width, name=f"x_embedder_{s}", **kw)(x.astype(dtype))
+            emb = layers.PatchEmbed(p, cfg.width, name=f"x_embedder_{s}", **kw)(
+                x.astype(kw["dtype"])
+            )
             tokens = emb if tokens is None else tokens + emb
         if cfg.positions == "sincos":
             pos = layers.sincos_pos_embed(cfg.width, grid).astype(np.float32)
-            tokens = tokens + jnp.asarray(pos, dtype)[None]
-        tokens = nn.with_logical_constraint(tokens, ("batch", "length", "embed"))
+            tokens = tokens + jnp.asarray(pos, kw["dtype"])[None]
+        return nn.with_logical_constraint(tokens, ("batch", "length", "embed"))
 
-        # 3. Conditioning vector.
+    def _conditioning(self, t: Array, active: Array, labels: Array) -> Array:
+        """The conditioning vector ``c`` (B, width).
+
+        The sum of the per-scale timestep embeddings of ``t`` (B, S), the class
+        embedding of ``labels`` (B,) (row ``num_classes`` is the null class) and,
+        with ``stage_embedding``, the embedding of the number of active scales - 1.
+        """
+        cfg, kw = self.config, self._module_kwargs()
+        n_scales = cfg.num_scales
         c = None
         for s in range(n_scales):
             emb = layers.TimestepEmbedder(
@@ -425,9 +460,11 @@ class DiT(nn.Module):
             c = c + layers.EmbeddingTable(
                 n_scales, cfg.width, row_axis=None, name="stage_embedder", **kw
             )(jnp.clip(stage - 1, 0, n_scales - 1))
-        c = nn.with_logical_constraint(c, ("batch", "embed"))
+        return nn.with_logical_constraint(c, ("batch", "embed"))
 
-        # 4. Shared blocks.
+    def _blocks(self, tokens: Array, c: Array, grid: tuple[int, ...]) -> Array:
+        """The ``depth`` shared ``DiTBlock`` s (``blocks_{i}``) on ``(B, L, width)`` tokens."""
+        cfg, kw = self.config, self._module_kwargs()
         rope = None
         if cfg.positions == "rope":
             cos, sin = layers.rope_angles(
@@ -449,8 +486,15 @@ class DiT(nn.Module):
                 name=f"blocks_{i}",
                 **kw,
             )(tokens, c, rope)
+        return tokens
 
-        # 5. Per-scale heads.
+    def _heads(self, tokens: Array, c: Array, grid: tuple[int, ...]) -> tuple[Array, ...]:
+        """Per-scale ``FinalLayer`` s -> S float32 velocities with the shapes of the scales.
+
+        With ``preconditioning`` scale s's output is multiplied by
+        ``c_out = sqrt(sigma_s^2 + 1)``.
+        """
+        cfg, kw = self.config, self._module_kwargs()
         outs = []
         for s, p in enumerate(cfg.patch_sizes):
             y = layers.FinalLayer(cfg.width, p, cfg.in_channels, name=f"final_layer_{s}", **kw)(

@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 
 from dfm_jax import parallel
 from dfm_jax.data import latents
+from dfm_jax.utils import viz
 
 #: `--store` values.
 STORES = ("moments", "mean", "sample")
@@ -63,7 +64,7 @@ class Encoder:
         out_dtype = _storage_dtype(dtype)
 
         def encode(codec, images, ids, key):
-            pixels = images.astype(jnp.float32) / 127.5 - 1.0
+            pixels = viz.from_uint8(images)
             mean, std = codec.encode_moments(pixels)
             if store == "moments":
                 return {"mean": mean.astype(out_dtype), "std": std.astype(out_dtype)}
@@ -91,12 +92,11 @@ class Encoder:
         n = len(images)
         if not 0 < n <= self.batch_size:
             raise ValueError(f"a batch holds 1 to {self.batch_size} images, got {n}")
-        if n < self.batch_size:
-            pad = self.batch_size - n
-            images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
-            ids = np.concatenate([ids, np.zeros((pad,), ids.dtype)])
-        images = jax.device_put(np.ascontiguousarray(images), self.sharding)
-        ids = jax.device_put(np.asarray(ids, np.uint32), self.sharding)
+        # Padding rows (zero images, id 0) are encoded and dropped by `fetch`.
+        host = parallel.pad_batch(
+            {"image": images, "id": np.asarray(ids, np.uint32)}, self.batch_size
+        )
+        images, ids = (parallel.global_from_host(host[k], self.sharding) for k in ("image", "id"))
         with jax.set_mesh(self.mesh):
             return self._encode(self.codec, images, ids, self._key), n
 

@@ -67,7 +67,7 @@ class PrepareOptions:
         num_shards is None (default DEFAULT_IMAGES_PER_SHARD).
       num_shards: the number of shards instead.
       batch_size: images per encoder call on each process (default 16 per local device).
-      pyramids: names (`config_lib.pyramid_name`) whose per-scale stds go into the metadata.
+      pyramids: names (`pyramid.metadata_name`) whose per-scale stds go into the metadata.
       stats_examples: records the stds are measured on (a seeded random subset; all if fewer).
       max_examples: use only the first N source images (quick tries; None = all).
       seed: seeds the "sample" draws and the stats subset.
@@ -454,6 +454,42 @@ def run(options: PrepareOptions, codec=None) -> PrepareResult:
       codec: an autoencoder `Codec` to use instead of loading `options.autoencoder` (tests,
         benchmarks with random weights); its config's name is recorded as the autoencoder.
     """
+    codec_config, latent_shape = _autoencoder_config(options, codec)
+    pyramids = stats.parse_pyramids(options.pyramids, latent_shape)
+    _check_weights(options, codec)
+    reader, plan = _open_source(options)
+    state = shards.ShardState(options.out)
+    _claim_output(options, state, _fingerprint(options, reader, plan, codec_config))
+
+    process, process_count = jax.process_index(), jax.process_count()
+    own = [s for s in plan if shards.owned_by(s, process, process_count)]
+    pending = [s for s in own if state.read_record(s) is None]
+    logging.info(
+        "prepare: %d images -> %d shards in %s; this process: %d shards, %d finished earlier",
+        plan[-1].stop,
+        len(plan),
+        options.out,
+        len(own),
+        len(own) - len(pending),
+    )
+    start = time.perf_counter()
+    writer = _encode_shards(options, reader, state, pending, codec) if pending else None
+    end = time.perf_counter()
+    _barrier("dfm_jax.prepare.shards")
+
+    metadata = None
+    if process == 0:
+        metadata = _write_metadata(
+            options, reader, plan, state, codec_config, latent_shape, pyramids
+        )
+    _barrier("dfm_jax.prepare.metadata")
+    result = _summarise(options, plan, len(own) - len(pending), writer, start, end, metadata)
+    logging.info("%s", result.summary())
+    return result
+
+
+def _autoencoder_config(options: PrepareOptions, codec) -> tuple[Any, tuple[int, int, int]]:
+    """The autoencoder's config (`codec`'s, else the preset's) and the latent `(h, w, c)`."""
     from dfm_jax.models import autoencoder
 
     codec_config = (
@@ -468,7 +504,13 @@ def run(options: PrepareOptions, codec=None) -> PrepareResult:
             f"of autoencoder {codec_config.name!r}"
         )
     latent_shape = (options.resolution // f, options.resolution // f, codec_config.latent_channels)
-    pyramids = stats.parse_pyramids(options.pyramids, latent_shape)
+    return codec_config, latent_shape
+
+
+def _check_weights(options: PrepareOptions, codec) -> None:
+    """Raises `FileNotFoundError` when the autoencoder must be loaded but has no weights file."""
+    from dfm_jax.models import autoencoder
+
     weights = options.autoencoder_weights
     if codec is None and (weights or options.autoencoder != "tiny") and not os.path.exists(weights):
         raise FileNotFoundError(
@@ -477,6 +519,10 @@ def run(options: PrepareOptions, codec=None) -> PrepareResult:
             "diffusion_pytorch_model.safetensors (or its directory), from "
             f"{autoencoder.WEIGHTS_SOURCES.get(options.autoencoder, 'its diffusers release')}."
         )
+
+
+def _open_source(options: PrepareOptions) -> tuple[readers.ImageReader, list[shards.Shard]]:
+    """The image reader and the shard plan of its first `max_examples` images."""
     reader = readers.make_reader(
         options.source,
         options.data_dir,
@@ -492,12 +538,12 @@ def run(options: PrepareOptions, codec=None) -> PrepareResult:
     images_per_shard = options.images_per_shard
     if options.num_shards is None and images_per_shard is None:
         images_per_shard = DEFAULT_IMAGES_PER_SHARD
-    plan = shards.plan_shards(num_images, images_per_shard, options.num_shards)
+    return reader, shards.plan_shards(num_images, images_per_shard, options.num_shards)
 
-    state = shards.ShardState(options.out)
-    fingerprint = _fingerprint(options, reader, plan, codec_config)
-    process, process_count = jax.process_index(), jax.process_count()
-    if process == 0:
+
+def _claim_output(options: PrepareOptions, state: shards.ShardState, fingerprint: dict) -> None:
+    """Process 0 clears (`overwrite`) and records the plan; the others then check it."""
+    if jax.process_index() == 0:
         os.makedirs(options.out, exist_ok=True)
         if options.overwrite:
             removed = state.clear()
@@ -507,56 +553,54 @@ def run(options: PrepareOptions, codec=None) -> PrepareResult:
                 )
         state.check_or_write_plan(fingerprint)
     _barrier("dfm_jax.prepare.plan")
-    if process != 0:
+    if jax.process_index() != 0:
         state.check_or_write_plan(fingerprint, write=False)
 
-    own = [s for s in plan if shards.owned_by(s, process, process_count)]
-    pending = [s for s in own if state.read_record(s) is None]
-    logging.info(
-        "prepare: %d images -> %d shards in %s; this process: %d shards, %d finished earlier",
-        num_images,
-        len(plan),
-        options.out,
-        len(own),
-        len(own) - len(pending),
-    )
-    start = time.perf_counter()
-    writer = None
-    if pending:
-        codec = codec if codec is not None else _load_codec(options)
-        mesh = parallel.create_mesh({"data": -1}, jax.local_devices())
-        batch_size = options.batch_size or 16 * jax.local_device_count()
-        encoder = encoding.Encoder(
-            codec, mesh, batch_size, options.store, options.dtype, options.seed
-        )
-        total = sum(s.stop - s.start for s in pending) * (2 if options.flip else 1)
-        workers = options.workers or min(32, 2 * (os.cpu_count() or 1))
-        with tqdm.tqdm(
-            total=total, unit="img", desc="prepare", disable=not options.progress, smoothing=0.1
-        ) as progress:
-            writer = _ShardWriter(reader, encoder, state, options.flip, workers, progress)
-            writer.run(pending)
-    end = time.perf_counter()
+
+def _encode_shards(
+    options: PrepareOptions,
+    reader: readers.ImageReader,
+    state: shards.ShardState,
+    pending: Sequence[shards.Shard],
+    codec,
+) -> _ShardWriter:
+    """Encodes and writes the `pending` shards on this process's devices."""
+    codec = codec if codec is not None else _load_codec(options)
+    mesh = parallel.create_mesh({"data": -1}, jax.local_devices())
+    batch_size = options.batch_size or 16 * jax.local_device_count()
+    encoder = encoding.Encoder(codec, mesh, batch_size, options.store, options.dtype, options.seed)
+    total = sum(s.stop - s.start for s in pending) * (2 if options.flip else 1)
+    workers = options.workers or min(32, 2 * (os.cpu_count() or 1))
+    with tqdm.tqdm(
+        total=total, unit="img", desc="prepare", disable=not options.progress, smoothing=0.1
+    ) as progress:
+        writer = _ShardWriter(reader, encoder, state, options.flip, workers, progress)
+        writer.run(pending)
+    return writer
+
+
+def _summarise(
+    options: PrepareOptions,
+    plan: Sequence[shards.Shard],
+    shards_kept: int,
+    writer: _ShardWriter | None,
+    start: float,
+    end: float,
+    metadata: latents.LatentMetadata | None,
+) -> PrepareResult:
+    """The `PrepareResult` of an encoding loop that ran from `start` to `end` (perf_counter)."""
     seconds = end - start
     steady = 0.0
     if writer is not None and writer.first_batch is not None:
         first_time, first_records = writer.first_batch
         if writer.records_written > first_records and end > first_time:
             steady = (writer.records_written - first_records) / (end - first_time)
-    _barrier("dfm_jax.prepare.shards")
-
-    metadata = None
-    if process == 0:
-        metadata = _write_metadata(
-            options, reader, plan, state, codec_config, latent_shape, pyramids
-        )
-    _barrier("dfm_jax.prepare.metadata")
     written = writer.records_written if writer else 0
-    result = PrepareResult(
+    return PrepareResult(
         out=options.out,
         num_shards=len(plan),
         shards_written=writer.shards_written if writer else 0,
-        shards_kept=len(own) - len(pending),
+        shards_kept=shards_kept,
         records_written=written,
         skipped_images=writer.skipped_images if writer else 0,
         seconds=seconds,
@@ -564,5 +608,3 @@ def run(options: PrepareOptions, codec=None) -> PrepareResult:
         steady_images_per_second=steady,
         metadata=metadata,
     )
-    logging.info("%s", result.summary())
-    return result

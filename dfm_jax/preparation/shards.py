@@ -28,6 +28,7 @@ from typing import Any
 from array_record.python import array_record_module
 
 from dfm_jax.data import latents
+from dfm_jax.utils import files
 
 STATE_DIRNAME = "prepare_state"
 PLAN_FILENAME = "plan.json"
@@ -125,18 +126,19 @@ class ShardState:
             )
         if write:
             os.makedirs(self.dir, exist_ok=True)
-            latents.atomic_write_bytes(
+            files.atomic_write_bytes(
                 self.plan_path, json.dumps(fingerprint, indent=2, sort_keys=True).encode()
             )
 
     def dataset_files(self) -> list[str]:
         """metadata.json, shards and temporary shards in the output directory."""
         metadata = os.path.join(self.out, latents.METADATA_FILENAME)
-        files = [metadata] if os.path.exists(metadata) else []
+        paths = [metadata] if os.path.exists(metadata) else []
         escaped = glob.escape(self.out)
-        files += sorted(glob.glob(os.path.join(escaped, "*" + latents.SHARD_SUFFIX)))
-        files += sorted(glob.glob(os.path.join(escaped, "*" + latents.SHARD_SUFFIX + ".tmp-*")))
-        return files
+        paths += sorted(glob.glob(os.path.join(escaped, "*" + latents.SHARD_SUFFIX)))
+        temporaries = "*" + latents.SHARD_SUFFIX + files.TEMPORARY_MARKER + "*"
+        paths += sorted(glob.glob(os.path.join(escaped, temporaries)))
+        return paths
 
     def clear(self) -> list[str]:
         """Deletes the dataset files and the state (for --overwrite); returns what it deleted."""
@@ -179,10 +181,10 @@ class ShardState:
         """Marks `shard` finished (call after its shard file is in place)."""
         body = {"start": shard.start, "stop": shard.stop, "records": records, "skipped": skipped}
         os.makedirs(self.dir, exist_ok=True)
-        latents.atomic_write_bytes(self._record_path(shard), json.dumps(body).encode())
+        files.atomic_write_bytes(self._record_path(shard), json.dumps(body).encode())
 
     def remove_stale_temporaries(self, shard: Shard) -> None:
         """Deletes temporary files a killed run left behind for `shard`."""
-        pattern = glob.escape(self.shard_path(shard)) + ".tmp-*"
+        pattern = glob.escape(self.shard_path(shard)) + files.TEMPORARY_MARKER + "*"
         for path in glob.glob(pattern):
             os.remove(path)

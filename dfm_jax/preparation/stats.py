@@ -1,9 +1,9 @@
 """Per-scale standard deviations of a latent dataset under named pyramids.
 
-A pyramid name is the key `config_lib.pyramid_name` gives a config's decomposition:
+A pyramid name is the key `pyramid.metadata_name` gives a config's decomposition:
 `{kind}_{ratios joined by "x"}`, e.g. "laplacian_2" (two scales, x2), "laplacian_2x2"
 (three scales), "laplacian_4", "haar_2", and "laplacian_1" for a single scale (Flow
-Matching). `config_lib.data_scale_stds` looks the stds up under that key, and
+Matching). The training setup looks the stds up under that key, and
 `pyramid.Standardized` divides scale s by its (scalar) std, so every value is one float per
 scale, coarsest first: the standard deviation over all elements (examples, positions and
 channels) of that scale.
@@ -19,38 +19,33 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from dfm_jax import config as config_lib
 from dfm_jax.method import pyramid
 
 DEFAULT_PYRAMIDS = ("laplacian_1", "laplacian_2", "laplacian_4", "laplacian_2x2", "haar_2")
 
 
 def pyramid_from_name(name: str) -> pyramid.Pyramid:
-    """The decomposition a config with this `config_lib.pyramid_name` builds (unstandardised)."""
+    """The decomposition of this `pyramid.metadata_name` (unstandardised)."""
     kind, sep, ratio_text = name.partition("_")
     try:
         ratios = tuple(int(r) for r in ratio_text.split("x")) if sep else None
     except ValueError:
         ratios = None
-    if kind not in config_lib.PYRAMID_KINDS or ratios is None:
+    if kind not in pyramid.KINDS or ratios is None:
         raise ValueError(
             f"bad pyramid name {name!r}: expected <kind>_<ratios>, kind one of "
-            f"{config_lib.PYRAMID_KINDS} and ratios like 2, 4, 2x2 (1 for a single scale), e.g. "
+            f"{pyramid.KINDS} and ratios like 2, 4, 2x2 (1 for a single scale), e.g. "
             "laplacian_2, haar_2x2, laplacian_1"
         )
     if ratios == (1,):
         ratios = ()
-    config = ml_collections.ConfigDict(
-        {"pyramid": {"kind": kind, "ratios": ratios, "standardize": False, "stds": None}}
-    )
-    if config_lib.pyramid_name(config) != name:
+    if pyramid.metadata_name(kind, ratios) != name:
         raise ValueError(
-            f"bad pyramid name {name!r}; did you mean {config_lib.pyramid_name(config)!r}?"
+            f"bad pyramid name {name!r}; did you mean {pyramid.metadata_name(kind, ratios)!r}?"
         )
-    return config_lib.build_pyramid(config)
+    return pyramid.make(kind, ratios)
 
 
 def parse_pyramids(names: Sequence[str], latent_shape: Sequence[int]) -> dict[str, pyramid.Pyramid]:

@@ -1,4 +1,4 @@
-"""From ``config.autoencoder`` to the decoder that turns generated latents into pixels.
+"""From the autoencoder settings to the decoder that turns generated latents into pixels.
 
 Latent configs (``data.source = "array_record"``) generate model-space latents
 ``(z - shift_factor) * scaling_factor``; the trainer's sample grids and previews and
@@ -15,7 +15,6 @@ import dataclasses
 from collections.abc import Callable
 
 import jax
-import ml_collections
 from absl import logging
 
 from dfm_jax.data import latents as latent_data
@@ -26,15 +25,16 @@ from dfm_jax.models import autoencoder
 RANDOM_INIT_NAMES = ("tiny",)
 
 
-def check_matches_dataset(config: ml_collections.ConfigDict, source) -> None:
-    """Raises ValueError unless ``config.autoencoder`` is the dataset's autoencoder.
+def check_matches_dataset(settings, source) -> None:
+    """Raises ValueError unless ``settings`` (``config.AutoencoderSettings``) name the
+    dataset's autoencoder.
 
     ``source`` is the data source; only latent datasets (with ``metadata``) are checked.
     """
     metadata = getattr(source, "metadata", None)
     if not isinstance(metadata, latent_data.LatentMetadata):
         return
-    name = config.autoencoder.name
+    name = settings.name
     if not name:
         raise ValueError(
             f"config.autoencoder.name is empty but the data are latents of "
@@ -58,10 +58,9 @@ def check_matches_dataset(config: ml_collections.ConfigDict, source) -> None:
             )
 
 
-def load_codec(
-    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, *, required: bool
-) -> autoencoder.Codec | None:
-    """The autoencoder of ``config.autoencoder``, replicated over ``mesh``; None for pixels.
+def load_codec(settings, mesh: jax.sharding.Mesh, *, required: bool) -> autoencoder.Codec | None:
+    """The autoencoder of ``settings`` (``config.AutoencoderSettings``), replicated over
+    ``mesh``; None for pixels.
 
     The returned ``Codec`` decodes model-space latents (B, h, w, C) to pixels
     (B, H, W, 3) in [-1, 1]: eagerly with ``codec.decode(z)``, or inside a jitted
@@ -69,12 +68,11 @@ def load_codec(
     bake its parameters into the program as constants).
 
     Args:
-      config: the experiment config.
+      settings: the autoencoder settings.
       mesh: the devices to replicate the parameters over.
       required: raise when the weights are missing (evaluation); otherwise log a warning
         and return None (training still runs; sample grids are skipped).
     """
-    settings = config.autoencoder
     if not settings.name:
         return None
     if not settings.weights and settings.name not in RANDOM_INIT_NAMES:

@@ -36,5 +36,12 @@ class PreemptionWatcher:
         return flag
 
     def close(self) -> None:
+        """Restores the previous SIGTERM handler."""
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+    def __enter__(self) -> PreemptionWatcher:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

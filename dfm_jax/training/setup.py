@@ -1,25 +1,29 @@
-"""Everything built from the config before the first step, shared by training, eval and bench.
+"""From settings to everything a run needs before its first step; shared by train, eval, bench.
 
-``build(config)`` validates the config and builds the mesh, the data source (or only its
-shape), the decomposition, the model, the optimizer and the abstract, sharded state
-layout; ``initial_state`` materialises a fresh state directly sharded and
-``compile_train_step`` jits the pure step with the state donated. Nothing here runs a
-training loop: evaluation and the benchmark build what they need from this module.
+``build(settings)`` builds, in order: the mesh (``settings.mesh``, or one given), the
+data source (or only its shape, ``read_data=False``), the decomposition (standardised
+by the data's per-scale stds when asked), the DFM-DiT, the training method
+(``dfm_jax.method.methods``), the optimizer, and the abstract train state with its
+shardings. Nothing is allocated on the devices: ``initial_state`` materialises a fresh
+state directly sharded, and ``compile_train_step`` jits the pure step with the state
+donated. Evaluation and the benchmark build what they need here; they never import the
+training loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import ml_collections
 
 from dfm_jax import config as config_lib
 from dfm_jax import data, parallel
+from dfm_jax.method import methods, pyramid
 from dfm_jax.models import dit
 from dfm_jax.training import checkpoint, decoding
 from dfm_jax.training.train_step import (
@@ -34,89 +38,168 @@ from dfm_jax.training.train_step import (
 
 @dataclasses.dataclass
 class Setup:
-    """Everything built from the config before the first step."""
+    """Everything built from the settings before the first step.
 
-    config: ml_collections.ConfigDict
+    Attributes:
+      settings: the run's validated settings.
+      mesh: the device mesh.
+      source: the data source (or a ``data.DataSpec`` when built without data).
+      method: the training method (model, decomposition, objective, sampler).
+      model_config: the DiT architecture.
+      step_config: the static parts of the train step.
+      state_shardings: ``NamedSharding`` per leaf of the train state.
+      abstract_state: the state's ``ShapeDtypeStruct`` leaves carrying those shardings
+        (restore targets).
+    """
+
+    settings: config_lib.Settings
     mesh: jax.sharding.Mesh
     source: Any
-    example_shape: tuple[int, ...]
-    num_classes: int
-    model: nn.Module
+    method: methods.Method
     model_config: dit.DiTConfig
     step_config: StepConfig
     state_shardings: Any
     abstract_state: Any
-    dummy_inputs: tuple
-    scale_shapes: list
+
+    @property
+    def example_shape(self) -> tuple[int, ...]:
+        return self.method.example_shape
+
+    @property
+    def num_classes(self) -> int:
+        return self.method.num_classes
+
+    @property
+    def rules(self) -> tuple[tuple[str, Any], ...]:
+        return tuple(tuple(rule) for rule in self.settings.sharding_rules)
+
+    @contextlib.contextmanager
+    def context(self) -> Iterator[None]:
+        """The mesh and logical-axis rules every program of this run is traced under."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield
+
+    def bind(self, jitted: Callable) -> MeshBound:
+        """``jitted``, traced and run under this run's mesh and rules."""
+        return MeshBound(jitted, self)
+
+
+class MeshBound:
+    """A jitted function traced and run under a setup's mesh and logical-axis rules.
+
+    Calling it runs the function; ``lower(...)`` lowers it in the same context (for
+    cost and memory analysis).
+    """
+
+    def __init__(self, jitted: Callable, setup: Setup):
+        self.jitted, self.setup = jitted, setup
+
+    def __call__(self, *args):
+        with self.setup.context():
+            return self.jitted(*args)
+
+    def lower(self, *args):
+        with self.setup.context():
+            return self.jitted.lower(*args)
+
+
+def data_stds(settings: config_lib.PyramidSettings, source: Any) -> tuple[float, ...] | None:
+    """Per-scale data stds: ``settings.stds`` if set, else the dataset's metadata, else None."""
+    if settings.stds is not None:
+        return settings.stds
+    return source.scale_stds(settings.name)
+
+
+def build_decomposition(
+    settings: config_lib.PyramidSettings, stds: tuple[float, ...] | None
+) -> pyramid.Decomposition:
+    """The decomposition, divided by ``stds`` (the data's) when ``settings.standardize``."""
+    if settings.standardize and stds is None:
+        raise config_lib.ConfigError(
+            "config.pyramid.stds: standardize=True needs per-scale stds: set "
+            "config.pyramid.stds or use a prepared dataset whose metadata records them for "
+            f"{settings.name!r}"
+        )
+    return pyramid.make(settings.kind, settings.ratios, stds if settings.standardize else None)
+
+
+def model_stds(
+    settings: config_lib.Settings, stds: tuple[float, ...] | None
+) -> tuple[float, ...] | None:
+    """sigma_s as the model sees the scales, for preconditioning: 1 when standardised."""
+    if not settings.model.preconditioning:
+        return None
+    if settings.pyramid.standardize:
+        return (1.0,) * settings.num_scales
+    if stds is None:
+        raise config_lib.ConfigError(
+            "config.model.preconditioning needs per-scale data stds: set config.pyramid.stds "
+            "or use a prepared dataset whose metadata records stds for "
+            f"{settings.pyramid.name!r}"
+        )
+    return stds
+
+
+def build_method(settings: config_lib.Settings, source: Any) -> methods.Method:
+    """The training method of ``settings.method`` for data shaped like ``source``'s."""
+    example_shape = tuple(source.example_shape)
+    num_classes = int(source.num_classes)
+    stds = data_stds(settings.pyramid, source)
+    architecture = settings.model.architecture(
+        in_channels=example_shape[-1],
+        num_classes=num_classes,
+        scale_stds=model_stds(settings, stds),
+    )
+    return methods.METHODS[settings.method](
+        model=dit.DiT(architecture),
+        decomposition=build_decomposition(settings.pyramid, stds),
+        objective=settings.objective,
+        example_shape=example_shape,
+        num_classes=num_classes,
+    )
 
 
 def build(
-    config: ml_collections.ConfigDict,
+    settings: config_lib.Settings,
     mesh: jax.sharding.Mesh | None = None,
     *,
     read_data: bool = True,
 ) -> Setup:
-    """Validates the config and builds the data source, model and state layout.
+    """The mesh, data source, method, optimizer and sharded state layout of a run.
 
-    ``mesh`` (e.g. over a subset of the devices) replaces the one ``config.mesh`` describes.
-    ``read_data=False`` takes the example shape and class count from ``config.data``
-    (``data.data_spec``) instead of opening the dataset (evaluating imported weights).
+    ``mesh`` (e.g. over a subset of the devices) replaces the one ``settings.mesh``
+    describes. ``read_data=False`` takes the example shape and class count from
+    ``settings.data`` (``data.data_spec``) instead of opening the dataset (evaluating
+    imported weights).
     """
     if mesh is None:
-        config_lib.validate(config, num_devices=jax.device_count())
-        mesh = parallel.create_mesh(dict(config.mesh))
+        config_lib.check_devices(settings, jax.device_count())
+        mesh = parallel.create_mesh(settings.mesh.as_dict())
     else:
-        config_lib.validate(config)
-        config_lib.check_batch_size(config, parallel.data_parallel_size(mesh), dict(mesh.shape))
-    source = data.make_source(config.data) if read_data else data.data_spec(config.data)
-    decoding.check_matches_dataset(config, source)
-    example_shape = tuple(source.example_shape)
-    num_classes = int(source.num_classes)
-    stds = config_lib.data_scale_stds(config, source)
-    decomposition = config_lib.build_pyramid(config, stds)
-    model_config = config_lib.build_model_config(
-        config, example_shape[-1], num_classes, config_lib.preconditioning_stds(config, stds)
-    )
-    model = dit.DiT(model_config)
-    tx = make_optimizer(config.optimizer)
+        config_lib.check_batch_size(settings.batch_size, parallel.data_parallel_size(mesh))
+    source = data.make_source(settings.data) if read_data else data.data_spec(settings.data)
+    decoding.check_matches_dataset(settings.autoencoder, source)
+    method = build_method(settings, source)
+    tx = make_optimizer(settings.optimizer)
     step_config = StepConfig(
-        model=model,
-        decomposition=decomposition,
-        objective=config_lib.build_objective(config),
+        method=method,
         tx=tx,
-        learning_rate=learning_rate_schedule(config.optimizer),
-        ema_decay=float(config.optimizer.ema_decay),
-        ema_warmup=bool(config.optimizer.ema_warmup),
-        num_classes=num_classes,
+        learning_rate=learning_rate_schedule(settings.optimizer),
+        ema_decay=settings.optimizer.ema_decay,
+        ema_warmup=settings.optimizer.ema_warmup,
     )
-    scale_shapes = [shape[1:] for shape in decomposition.scale_shapes((1, *example_shape))]
-    dummy_inputs = dit.dummy_inputs(model_config, scale_shapes, batch_size=1)
-    boxed = jax.eval_shape(
-        lambda k: init_state(k, model, _zeros(dummy_inputs), tx), jax.random.key(0)
-    )
-    state_shardings = parallel.logical_shardings(boxed, mesh, config.sharding_rules)
+    boxed = jax.eval_shape(lambda k: init_state(k, method, tx), jax.random.key(0))
+    state_shardings = parallel.logical_shardings(boxed, mesh, settings.sharding_rules)
     return Setup(
-        config=config,
+        settings=settings,
         mesh=mesh,
         source=source,
-        example_shape=example_shape,
-        num_classes=num_classes,
-        model=model,
-        model_config=model_config,
+        method=method,
+        model_config=method.model.config,
         step_config=step_config,
         state_shardings=state_shardings,
         abstract_state=checkpoint.abstract_with_shardings(nn.unbox(boxed), state_shardings),
-        dummy_inputs=dummy_inputs,
-        scale_shapes=scale_shapes,
     )
-
-
-def _rules(setup: Setup):
-    return tuple(tuple(rule) for rule in setup.config.sharding_rules)
-
-
-def _zeros(abstract_tree):
-    return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract_tree)
 
 
 def initial_state(setup: Setup, key: jax.Array) -> TrainState:
@@ -124,13 +207,13 @@ def initial_state(setup: Setup, key: jax.Array) -> TrainState:
     static = setup.step_config
 
     def init(k):
-        return nn.unbox(init_state(k, static.model, _zeros(setup.dummy_inputs), static.tx))
+        return nn.unbox(init_state(k, static.method, static.tx))
 
-    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(_rules(setup)):
+    with setup.context():
         return jax.jit(init, out_shardings=setup.state_shardings)(key)
 
 
-def compile_train_step(setup: Setup):
+def compile_train_step(setup: Setup) -> MeshBound:
     """The jitted step ``(state, batch, key) -> (state, metrics)`` with the state donated."""
     batch_sharding = parallel.batch_sharding(setup.mesh, parallel.BATCH_AXES)
     replicated = parallel.replicated(setup.mesh)
@@ -140,23 +223,4 @@ def compile_train_step(setup: Setup):
         out_shardings=(setup.state_shardings, replicated),
         donate_argnums=(0,),
     )
-    return MeshBound(step, setup.mesh, _rules(setup))
-
-
-class MeshBound:
-    """A jitted function traced and run under a mesh and logical-axis rules.
-
-    Calling it runs the function; ``lower(...)`` lowers it in the same context
-    (for cost and memory analysis).
-    """
-
-    def __init__(self, jitted, mesh: jax.sharding.Mesh, rules):
-        self.jitted, self.mesh, self.rules = jitted, mesh, rules
-
-    def __call__(self, *args):
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-            return self.jitted(*args)
-
-    def lower(self, *args):
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-            return self.jitted.lower(*args)
+    return setup.bind(step)

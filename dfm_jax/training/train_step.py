@@ -1,7 +1,9 @@
-"""Train state, optimizer and the pure DFM train step.
+"""Train state, optimizer and the pure train step of any training method.
 
-Everything here is a pure function of its inputs: the train loop (``train.py``)
-jits ``train_step`` with shardings and donates the state. Randomness comes from
+Everything here is a pure function of its inputs: ``setup.compile_train_step`` jits
+``train_step`` with shardings and donates the state. The method
+(``dfm_jax.method.methods``) turns a batch into a loss; this module differentiates it,
+clips, applies AdamW and the EMA, and skips non-finite updates. Randomness comes from
 ``fold_in(base_key, state.step)``, so a resumed run repeats an uninterrupted one
 exactly.
 
@@ -18,11 +20,9 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
-from dfm_jax.method import objective
-from dfm_jax.method.pyramid import Decomposition
+from dfm_jax.method.methods import Method
 
 Array = jax.Array
 
@@ -48,8 +48,11 @@ class TrainState:
     skipped_updates: Array
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-    """Linear warm-up from 0 to ``learning_rate`` over ``warmup_steps``, then constant."""
+def learning_rate_schedule(config) -> optax.Schedule:
+    """Linear warm-up from 0 to ``learning_rate`` over ``warmup_steps``, then constant.
+
+    ``config`` is a ``dfm_jax.config.OptimizerSettings``.
+    """
     if config.warmup_steps <= 0:
         return optax.constant_schedule(config.learning_rate)
     return optax.join_schedules(
@@ -61,10 +64,11 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     )
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make_optimizer(config) -> optax.GradientTransformation:
     """AdamW with global-norm clipping (paper: betas (0.9, 0.99), wd 0.01, clip 1.0).
 
-    Weight decay applies to every parameter, as in the paper's setup.
+    ``config`` is a ``dfm_jax.config.OptimizerSettings``. Weight decay applies to every
+    parameter, as in the paper's setup.
     """
     adamw = optax.adamw(
         learning_rate_schedule(config),
@@ -78,16 +82,14 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     return adamw
 
 
-def init_state(
-    key: Array, model: nn.Module, dummy_inputs: tuple, tx: optax.GradientTransformation
-) -> TrainState:
+def init_state(key: Array, method: Method, tx: optax.GradientTransformation) -> TrainState:
     """A fresh state. Leaves stay boxed (``nn.Partitioned``) for sharding lookup.
 
     Call under ``jax.eval_shape`` to get the abstract state and its logical
     partition specs, and under ``jax.jit(..., out_shardings=...)`` (after
     ``nn.unbox``) to materialise it directly sharded.
     """
-    params = model.init(key, *dummy_inputs)["params"]
+    params = method.init(key)
     zero = jnp.zeros((), jnp.int32)
     return TrainState(
         step=zero,
@@ -117,47 +119,35 @@ def ema_decay_at(step: Array, decay: float, warmup: bool) -> Array:
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-    """Static parts of the train step (hashable, closed over by ``jax.jit``)."""
+    """Static parts of the train step (closed over by ``jax.jit``)."""
 
-    model: nn.Module
-    decomposition: Decomposition
-    objective: objective.ObjectiveConfig
+    method: Method
     tx: optax.GradientTransformation
     learning_rate: optax.Schedule
     ema_decay: float
-    num_classes: int
     ema_warmup: bool = True
 
 
 def train_step(
     state: TrainState, batch: dict[str, Array], base_key: Array, static: StepConfig
 ) -> tuple[TrainState, dict[str, Array]]:
-    """One DFM update: decompose, noise, predict, masked loss, AdamW, EMA.
+    """One update: the method's loss and gradient, clipped AdamW, EMA.
 
     A step whose loss or gradient norm is not finite leaves parameters, optimizer
     state and EMA unchanged; ``consecutive_nonfinite`` and ``skipped_updates``
     count such steps.
 
     Returns:
-      The new state and float32 metrics: ``loss``, ``loss_scale{s}`` (mean over
-      the examples where scale s is active), ``active_scale{s}``, ``grad_norm``,
-      ``learning_rate``, ``finite``, ``consecutive_nonfinite`` (int32).
+      The new state and float32 metrics: ``loss``, the method's own metrics (DFM:
+      ``loss_scale{s}``, ``active_scale{s}``), ``grad_norm``, ``learning_rate``,
+      ``finite``, and ``consecutive_nonfinite`` (int32).
     """
-    key_inputs, key_labels = jax.random.split(jax.random.fold_in(base_key, state.step))
-    scales = static.decomposition.decompose(batch["image"].astype(jnp.float32))
-    inputs = objective.make_training_inputs(key_inputs, scales, static.objective)
-    labels = objective.drop_labels(
-        key_labels, batch["label"], static.objective.label_dropout, static.num_classes
-    )
+    key = jax.random.fold_in(base_key, state.step)
 
     def compute_loss(params):
-        predictions = static.model.apply(
-            {"params": params}, inputs.noisy, inputs.t, inputs.mask, labels
-        )
-        output = objective.loss_fn(predictions, inputs.targets, inputs.mask)
-        return output.loss, output
+        return static.method.loss(params, batch["image"], batch["label"], key)
 
-    (loss, output), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
+    (loss, method_metrics), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -184,8 +174,6 @@ def train_step(
         "learning_rate": jnp.asarray(static.learning_rate(state.step), jnp.float32),
         "finite": finite.astype(jnp.float32),
         "consecutive_nonfinite": new_state.consecutive_nonfinite,
+        **method_metrics,
     }
-    for s in range(len(scales)):
-        metrics[f"loss_scale{s + 1}"] = output.per_scale[s]
-        metrics[f"active_scale{s + 1}"] = output.active_fraction[s]
     return new_state, metrics
