@@ -17,7 +17,6 @@ import dataclasses
 from typing import Any
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
