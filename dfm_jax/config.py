@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import math
 import types
 import typing
@@ -42,6 +41,7 @@ from dfm_jax.data.factory import SOURCES
 from dfm_jax.evaluation.features import METRICS
 from dfm_jax.method import objective, pyramid, sampling
 from dfm_jax.models import autoencoder, dit
+from dfm_jax.utils import names as names_lib
 
 #: Training methods (``dfm_jax.method.methods``).
 METHODS = ("dfm", "flow_matching")
@@ -513,19 +513,13 @@ def _field_names(cls: type, prefix: str = "") -> list[str]:
     return names
 
 
-def closest_fields(name: str, candidates: list[str]) -> list[str]:
-    """Up to three valid names close to a mistyped one (``difflib``), closest first; a
-    field of the same name in another section too (``data.frame`` -> ``data.frames``)."""
-    leaf = name.rsplit(".", 1)[-1]
-    close = difflib.get_close_matches(name, candidates, n=2, cutoff=0.8)
-    close += [c for c in candidates if c.rsplit(".", 1)[-1] == leaf and c not in close]
-    return close[:3]
-
-
 def _unknown_field_error(name: str, cls: type, prefix: str) -> ConfigError:
-    candidates = [prefix + n for n in _field_names(cls)] + _field_names(Settings)
-    suggestions = closest_fields(prefix + name, sorted(set(candidates)))
-    hint = f"; did you mean {' or '.join(suggestions)}?" if suggestions else ""
+    """The error for ``prefix + name`` that ``cls`` does not declare: the closest fields
+    of ``cls``, else fields of that name elsewhere (``model.frames`` -> ``data.frames``)."""
+    close = [prefix + c for c in names_lib.closest(name, [f.name for f in dataclasses.fields(cls)])]
+    if not close:
+        close = [n for n in _field_names(Settings) if n.rsplit(".", 1)[-1] == name]
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
     return ConfigError(f"unknown config field {prefix}{name}{hint}")
 
 

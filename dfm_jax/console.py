@@ -21,7 +21,6 @@ before anything else and ends with ``console.run(main)`` instead of ``app.run(ma
 
 from __future__ import annotations
 
-import difflib
 import functools
 import logging
 import os
@@ -33,6 +32,8 @@ import ml_collections
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections.config_flags import config_flags  # is_config_flag is not re-exported
+
+from dfm_jax.utils import names as names_lib
 
 # absl and ml_collections do not import TensorFlow; the CLIs import this module first.
 _ENVIRONMENT = {"TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "1"}
@@ -257,13 +258,6 @@ def field_names(config: ml_collections.ConfigDict, prefix: str = "") -> list[str
     return names
 
 
-def closest(word: str, candidates: list[str], cutoff: float = 0.7) -> list[str]:
-    """The best ``difflib`` match of ``word``, and up to two more about as close."""
-    scores = [(difflib.SequenceMatcher(None, word, c).ratio(), c) for c in candidates]
-    scores = sorted((s for s in scores if s[0] >= cutoff), key=lambda s: -s[0])
-    return [c for score, c in scores[:3] if score >= scores[0][0] - 0.05]
-
-
 def unknown_field_message(config: ml_collections.ConfigDict, path: str, name: str = "config"):
     """The error for an override of ``path`` when it is not a field of ``config``, else None.
 
@@ -281,7 +275,7 @@ def unknown_field_message(config: ml_collections.ConfigDict, path: str, name: st
             return f"--{name}.{path}: {name}.{parent} is a value, it has no field '{part}'"
         names = field_names(config)
         close = []
-        for key in closest(part, list(node)):
+        for key in names_lib.closest(part, list(node)):
             renamed = ".".join([*parts[:depth], key, *parts[depth + 1 :]])
             close.append(renamed if renamed in names else ".".join([*parts[:depth], key]))
         if not close and depth == len(parts) - 1:

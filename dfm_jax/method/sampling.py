@@ -38,7 +38,30 @@ parameters as a traced argument of the jitted function and close over them in
         return sample(velocity_fn, noise, labels, settings, null_label=1000)
 
 Closing over concrete parameters outside ``jit`` would bake them into the
-program as constants.
+program as constants. The trajectory is one ``lax.scan`` over the N steps, so the
+network is traced a constant number of times (once per solver evaluation), whatever N.
+
+Solvers (``solvers``): Euler, N evaluations; Heun (the explicit trapezoid), 2N - 1
+evaluations, its last step (where every scale reaches t = 1) an Euler step. The state
+is float32 (the official code integrates in float64; the step sizes here are computed
+in float64 and rounded once, and the tests show float32 is accurate to well below the
+discretisation error).
+
+Classifier-free guidance (``cfg_scale != 1``, ``guidance``): one network call on
+``[x; x]`` with labels ``[labels; null_label]``, and per scale
+``v = v_u + cfg_scale * (v_c - v_u)`` where that scale's ``t_s`` lies in
+``guidance_interval`` (inclusive, paper convention), ``v_c`` elsewhere. An evaluation
+doubles the batch only if some updated scale is guided; ``cfg_scale == 1`` never does.
+
+Previews (``return_previews=True``): when stage k reaches ``tau_k`` (boundary
+``n = N_k``, k < S) the predicted clean scales ``x_hat_s = x_s + (1 - t_s) v_s``,
+s <= k, are recorded, not recomposed (the caller recomposes them, e.g.
+``pyramid.preview(list(previews[k - 1]), k)``). The velocity is the one evaluated at
+the first step of phase k + 1, at exactly that state and those times (guided if that
+evaluation is), so previews cost no extra network evaluation; in it stage k + 1 is
+already unmasked but at t = 0, pure noise, which carries no information about the
+earlier scales (for the exact velocity field the predictions are identical to a
+masked evaluation).
 """
 
 from __future__ import annotations
@@ -185,39 +208,11 @@ def sample(
 ) -> State | tuple[State, Previews]:
     """Generates samples with the multi-stage DFM schedule (``stage_schedule``).
 
-    Each step n updates the scales ``A_n`` of stages 1 .. p (phase p) with the
-    solver ``settings.solver`` (``solvers``: Euler, N evaluations; Heun, the
-    explicit trapezoid, 2N - 1 evaluations, its last step, where every scale
-    reaches t = 1, an Euler step), from ``t(n)`` to ``t(n + 1)``. Scales outside
-    ``A_n`` (later stages) keep their noise untouched and are passed with
-    ``t = 0`` and mask 0; stage k starts from its own noise at the first step of
-    phase k. The state is float32 (the official code integrates in float64; the
-    step sizes here are computed in float64 and rounded once, and the tests show
-    float32 is accurate to well below the discretisation error).
-
-    Classifier-free guidance (``cfg_scale != 1``, see ``guidance``): one network
-    call on ``[x; x]`` with labels ``[labels; null_label]``, and per scale
-    ``v = v_u + cfg_scale * (v_c - v_u)`` where that scale's ``t_s`` lies in
-    ``guidance_interval`` (inclusive, paper convention), ``v_c`` elsewhere. An
-    evaluation doubles the batch only if some updated scale is guided;
-    ``cfg_scale == 1`` never does.
-
-    Previews (``return_previews=True``): when stage k reaches ``tau_k``
-    (boundary ``n = N_k``, k < S) the predicted clean scales
-    ``x_hat_s = x_s + (1 - t_s) v_s``, s <= k, are recorded (not recomposed: the
-    caller recomposes them, e.g. ``pyramid.preview(list(previews[k - 1]), k)``).
-    The velocity is the one evaluated at the first step of phase k + 1, at
-    exactly that state and those times (guided if that evaluation is), so
-    previews cost no extra network evaluation; in it stage k + 1 is already
-    unmasked but at t = 0, pure noise, which carries no information about the
-    earlier scales (for the exact velocity field the predictions are identical
-    to a masked evaluation).
-
-    Call it inside ``jax.jit`` (see the module docstring). ``settings`` was
-    validated on construction; the noise, labels and ``null_label`` are checked
-    with ``ValueError`` before anything is traced. The trajectory is a single
-    ``lax.scan`` over the N steps, so the network is traced a constant number of
-    times (once per solver evaluation), whatever N is.
+    Each step n moves the scales of stages 1 .. p (phase p) from ``t(n)`` to
+    ``t(n + 1)`` with ``settings.solver``; later stages keep their noise, masked at
+    ``t = 0``, until their phase starts. Guidance, previews and precision: see the
+    module docstring. ``settings`` was validated on construction; noise, labels and
+    ``null_label`` are checked with ``ValueError`` before anything is traced.
 
     Args:
       velocity_fn: ``(scales, t (B', S), mask (B', S), labels (B',)) -> velocities``
