@@ -191,7 +191,14 @@ class Evaluator:
         }
 
     def evaluate_point(
-        self, point: SweepPoint, params: Any, step: int, *, save_npz=False, save_png=0
+        self,
+        point: SweepPoint,
+        params: Any,
+        step: int,
+        *,
+        save_npz: bool = False,
+        save_png: int = 0,
+        progress_bar: bool = True,
     ) -> dict[str, str]:
         """The result row (text, as in ``results.csv``) of one point at ``params``."""
         if point not in self._samplers:
@@ -204,6 +211,7 @@ class Evaluator:
             step,
             save_npz=save_npz,
             save_png=save_png,
+            progress_bar=progress_bar,
         )
         row = {**self.key_columns(step), **point.columns(), "nfe": point.nfe, **values}
         return {column: results.format_value(column, value) for column, value in row.items()}
@@ -260,7 +268,7 @@ class TrainingEvaluators:
                 )
             evaluator = self._built[name]
             for point in evaluator.points:
-                row = evaluator.evaluate_point(point, ema_params, step)
+                row = evaluator.evaluate_point(point, ema_params, step, progress_bar=False)
                 rows = [r for r in rows if results.row_key(r) != results.row_key(row)] + [row]
                 if jax.process_index() == 0:
                     results.write_results(self.eval_dir, rows)

@@ -183,10 +183,12 @@ def evaluate_point(
     *,
     save_npz: bool = False,
     save_png: int = 0,
+    progress_bar: bool = True,
 ) -> dict[str, Any]:
     """Generates, extracts and scores one sweep point; returns its metric values and speeds.
 
     Speeds leave out the first batch (it compiles) when there is more than one.
+    ``progress_bar`` shows a tqdm bar on process 0 (off between training steps).
     """
     scores = ctx.make_scores()
     files = _SampleFiles(ctx, point.name, step, save_npz, save_png)
@@ -195,7 +197,10 @@ def evaluate_point(
     timings = np.zeros((num_batches, 2))
     start_time = time.perf_counter()
     progress = tqdm(
-        total=num_samples, desc=point.name, unit="img", disable=jax.process_index() != 0
+        total=num_samples,
+        desc=point.name,
+        unit="img",
+        disable=not progress_bar or jax.process_index() != 0,
     )
     try:
         for b in range(num_batches):

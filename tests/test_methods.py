@@ -1,0 +1,115 @@
+"""The training-method interface: DFM and Flow Matching behind one API."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dfm_jax.method import methods, objective, pyramid, sampling
+from dfm_jax.models import dit
+
+SHAPE = (8, 8, 1)
+
+
+def _dfm(**objective_fields) -> methods.DecomposableFlowMatching:
+    model = dit.DiT(
+        dit.dit_config(
+            "S", patch_sizes=(1, 2), in_channels=1, num_classes=3, depth=1, width=32, num_heads=2
+        )
+    )
+    return methods.DecomposableFlowMatching(
+        model=model,
+        decomposition=pyramid.Laplacian((2,)),
+        objective=objective.ObjectiveConfig(**objective_fields),
+        example_shape=SHAPE,
+        num_classes=3,
+    )
+
+
+def _random_params(method, key=0):
+    """The method's parameter tree, every leaf 0.1 N(0, 1) (the DiT's heads start at zero)."""
+    leaves, tree = jax.tree.flatten(nn.unbox(method.init(jax.random.key(key))))
+    keys = jax.random.split(jax.random.key(key + 1), len(leaves))
+    return tree.unflatten(
+        [0.1 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)]
+    )
+
+
+def test_dfm_loss_is_the_objective_on_the_model_with_the_documented_keys():
+    """loss = loss_fn(model(noisy inputs of split(key)[0]), labels dropped with split(key)[1])."""
+    method = _dfm(label_dropout=0.5)
+    params = _random_params(method)
+    images = jax.random.normal(jax.random.key(3), (6, *SHAPE))
+    labels = jnp.asarray([0, 1, 2, 0, 1, 2], jnp.int32)
+    key = jax.random.key(11)
+    loss, metrics = method.loss(params, images, labels, key)
+
+    key_inputs, key_labels = jax.random.split(key)
+    scales = pyramid.Laplacian((2,)).decompose(images)
+    inputs = objective.make_training_inputs(key_inputs, scales, method.objective)
+    dropped = objective.drop_labels(key_labels, labels, 0.5, 3)
+    assert int((dropped == 3).sum()) > 0  # some labels were dropped to the null class
+    predictions = method.model.apply(
+        {"params": params}, inputs.noisy, inputs.t, inputs.mask, dropped
+    )
+    expected = objective.loss_fn(predictions, inputs.targets, inputs.mask)
+    np.testing.assert_allclose(loss, expected.loss, rtol=1e-6)
+    np.testing.assert_allclose(metrics["loss_scale1"], expected.per_scale[0], rtol=1e-6)
+    np.testing.assert_allclose(metrics["active_scale2"], expected.active_fraction[1])
+    assert sorted(metrics) == ["active_scale1", "active_scale2", "loss_scale1", "loss_scale2"]
+
+
+def test_generate_recomposes_the_sampler_and_its_previews():
+    method = _dfm()
+    params = _random_params(method)
+    labels = jnp.asarray([0, 2], jnp.int32)
+    sampler = sampling.SamplerSettings(steps_per_stage=(3, 2), thresholds=(0.8,), cfg_scale=2.0)
+    images, previews = method.generate(params, jax.random.key(5), labels, sampler, previews=True)
+    assert images.shape == (2, *SHAPE) and [p.shape for p in previews] == [
+        (2, 4, 4, 1),
+        images.shape,
+    ]
+    np.testing.assert_array_equal(previews[-1], images)
+    alone = method.generate(params, jax.random.key(5), labels, sampler)
+    np.testing.assert_allclose(alone, images, rtol=1e-6, atol=1e-6)
+    # The same as the sampler by hand, from noise fold_in(key, s) per scale.
+    noise = sampling.initial_noise(
+        jax.random.key(5), method.decomposition.scale_shapes((2, *SHAPE))
+    )
+    scales = sampling.sample(method.network(params), noise, labels, sampler, null_label=3)
+    np.testing.assert_allclose(method.decomposition.recompose(scales), images, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="describes 1 stage"):
+        method.generate(params, jax.random.key(5), labels, sampling.SamplerSettings((4,), ()))
+
+
+def test_flow_matching_is_one_scale_with_stage_probs_one():
+    model = dit.DiT(
+        dit.dit_config(
+            "S", patch_sizes=(2,), in_channels=1, num_classes=3, depth=1, width=32, num_heads=2
+        )
+    )
+    fm = methods.FlowMatching(
+        model=model,
+        decomposition=pyramid.Laplacian(()),
+        objective=objective.ObjectiveConfig(stage_probs=(1.0,)),
+        example_shape=SHAPE,
+        num_classes=3,
+    )
+    params = _random_params(fm)
+    loss, metrics = fm.loss(
+        params, jnp.zeros((4, *SHAPE)), jnp.zeros(4, jnp.int32), jax.random.key(0)
+    )
+    assert np.isfinite(loss) and float(metrics["active_scale1"]) == 1.0
+    assert fm.forward_flops() == dit.forward_flops(model.config, [SHAPE])
+    with pytest.raises(ValueError, match="one scale and stage_probs"):
+        methods.FlowMatching(
+            model=_dfm().model,
+            decomposition=pyramid.Laplacian((2,)),
+            objective=objective.ObjectiveConfig(),
+            example_shape=SHAPE,
+            num_classes=3,
+        )
+    assert set(methods.METHODS) == {"dfm", "flow_matching"}
