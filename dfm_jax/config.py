@@ -214,13 +214,14 @@ class DataSettings:
     ``source="array_record"``; images ``(H, W, C)``, videos ``(T, H, W, C)``.
     """
 
-    source: str = "synthetic"  # fashion_mnist | synthetic | image_folder | tfds | array_record
+    # fashion_mnist | moving_fashion_mnist (clips) | synthetic | image_folder | tfds | array_record
+    source: str = "synthetic"
     dir: str = ""  # data directory: IDX files / class folders / TFDS data_dir / latents
     split: str = "train"  # split name (image_folder / array_record: a subfolder if present)
     resolution: int | None = None  # output side of pixel sources; None: native (synthetic 32)
     channels: int | None = None  # None: the source's (fashion_mnist 1, synthetic/folders 3)
     num_classes: int | None = None  # None: the dataset's; set: must equal it (synthetic: 10)
-    frames: int = 0  # synthetic: 0 for images, T > 0 for (T, H, W, C) videos
+    frames: int = 0  # synthetic / moving_fashion_mnist: 0 for images, T for (T, H, W, C) clips
     num_examples: int = 1024  # synthetic: dataset size
     tfds_name: str = ""  # tfds: the dataset name, e.g. "cifar10"
     image_key: str = "image"  # tfds: image feature

@@ -29,6 +29,7 @@ from dfm_jax.data.latents import (
     write_metadata,
     write_shard,
 )
+from dfm_jax.data.moving_fashion_mnist import MovingFashionMnistSource
 from dfm_jax.data.pipeline import local_batch_size, make_dataset, make_train_iterator
 from dfm_jax.data.record_format import RecordFormatError
 from dfm_jax.data.synthetic import SyntheticSource
@@ -45,6 +46,7 @@ __all__ = [
     "IdxFormatError",
     "ImageFolderSource",
     "LatentMetadata",
+    "MovingFashionMnistSource",
     "RecordFormatError",
     "SampleLatent",
     "Source",

@@ -19,6 +19,7 @@ from dfm_jax.data import common
 from dfm_jax.data.fashion_mnist import FashionMnistSource
 from dfm_jax.data.image_folder import ImageFolderSource
 from dfm_jax.data.latents import METADATA_FILENAME, ArrayRecordLatentSource
+from dfm_jax.data.moving_fashion_mnist import MovingFashionMnistSource
 from dfm_jax.data.synthetic import SyntheticSource
 from dfm_jax.data.tfds_source import TfdsSource
 
@@ -32,6 +33,20 @@ def _fashion_mnist(settings: Any) -> common.Source:
         directory=settings.dir or None,
         split=settings.split,
         resolution=settings.resolution or 28,
+        download=settings.download,
+    )
+
+
+def _moving_fashion_mnist(settings: Any) -> common.Source:
+    if settings.channels not in (None, 1):
+        raise ValueError(
+            f"moving_fashion_mnist is grayscale: data.channels must be 1, got {settings.channels}"
+        )
+    return MovingFashionMnistSource(
+        directory=settings.dir or None,
+        split=settings.split,
+        frames=settings.frames,
+        resolution=settings.resolution or 32,
         download=settings.download,
     )
 
@@ -124,6 +139,7 @@ def data_spec(settings: Any) -> DataSpec:
 #: source name -> builder from the data config.
 SOURCES: Mapping[str, Callable[[Any], common.Source]] = {
     "fashion_mnist": _fashion_mnist,
+    "moving_fashion_mnist": _moving_fashion_mnist,
     "synthetic": _synthetic,
     "image_folder": _image_folder,
     "tfds": _tfds,
