@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 RUNTIME_STAMP := $(VENV)/.installed-runtime
 
-.PHONY: venv test lint format demo fashion-mnist bench study clean
+.PHONY: venv test lint format demo demo-video fashion-mnist bench study clean
 
 venv: $(STAMP)
 
@@ -65,6 +65,15 @@ demo: $(RUNTIME_STAMP) fashion-mnist
 	@echo "  eval/results.md              FD-FMNIST of the samples (lower is better)"
 	@echo "  checkpoints/                 Orbax checkpoints (run 'make demo' again to resume)"
 	@echo "  TensorBoard:                 $(VENV)/bin/tensorboard --logdir $(DEMO_WORKDIR)"
+
+## demo-video: train a small video DFM on Moving Fashion-MNIST (CPU) and write GIFs
+DEMO_VIDEO_WORKDIR ?= workdir/demo_video
+demo-video: $(RUNTIME_STAMP) fashion-mnist
+	$(PY) -m dfm_jax.main --config=configs/demo_video.py --workdir=$(DEMO_VIDEO_WORKDIR) $(DEMO_FLAGS)
+	@echo
+	@echo "Video demo finished. Outputs in $(DEMO_VIDEO_WORKDIR):"
+	@echo "  samples/step_*_grid.gif      class-conditional clips (one class per row)"
+	@echo "  samples/step_*_previews.gif  per example: stage-1 preview (16x16), final clip (32x32)"
 
 ## bench: DFM vs Flow Matching train-step benchmark (BENCH_CONFIG=configs/demo.py)
 BENCH_CONFIG ?= configs/demo.py

@@ -185,6 +185,30 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def gif_bytes(frames: np.ndarray, fps: float = 6.0) -> bytes:
+    """An endlessly looping animated GIF of ``(T, H, W, 1)`` or ``(T, H, W, 3)`` uint8 frames."""
+    frames = np.asarray(frames, np.uint8)
+    if frames.ndim != 4 or frames.shape[-1] not in (1, 3):
+        raise ValueError(f"expected frames (T, H, W, 1 or 3), got shape {frames.shape}")
+    images = [Image.fromarray(f[..., 0] if f.shape[-1] == 1 else f) for f in frames]
+    buffer = io.BytesIO()
+    images[0].save(
+        buffer,
+        format="GIF",
+        save_all=True,
+        append_images=images[1:],
+        duration=round(1000 / fps),
+        loop=0,
+        optimize=False,
+    )
+    return buffer.getvalue()
+
+
+def save_gif(path: str, frames: np.ndarray, fps: float = 6.0) -> None:
+    """Writes an animated GIF atomically (see `gif_bytes`)."""
+    files.atomic_write_bytes(path, gif_bytes(frames, fps))
+
+
 def save_png(path: str, image: np.ndarray) -> None:
     """Writes a PNG atomically (``files.atomic_write_bytes``: temporary file, then rename)."""
     files.atomic_write_bytes(path, png_bytes(image))
