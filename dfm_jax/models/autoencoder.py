@@ -62,12 +62,15 @@ import functools
 import math
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+if TYPE_CHECKING:
+    from dfm_jax.models.cogvideox import VideoCodec
 
 Array = jax.Array
 
@@ -201,6 +204,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         shift_factor=0.1,
     ),
 }
+
+#: Video autoencoders (:data:`dfm_jax.models.cogvideox.VIDEO_PRESETS`): :meth:`Codec.load`
+#: builds them as a :class:`dfm_jax.models.cogvideox.VideoCodec` (same methods).
+VIDEO_PRESET_NAMES = ("cogvideox-2b", "cogvideox-5b", "tiny-video")
 
 #: Where the weights of each released preset are published (diffusers layout).
 WEIGHTS_SOURCES = {
@@ -756,8 +763,12 @@ class Codec:
         dtype: str = "float32",
         decode_tile: int = 0,
         seed: int = 0,
-    ) -> Codec:
+    ) -> Codec | VideoCodec:
         """Build the preset ``name`` and load its weights.
+
+        A video preset (:data:`VIDEO_PRESET_NAMES`) gives a
+        :class:`dfm_jax.models.cogvideox.VideoCodec` (:meth:`VideoCodec.load
+        <dfm_jax.models.cogvideox.VideoCodec.load>`; random weights only for "tiny-video").
 
         Args:
           name: a preset of :data:`PRESETS`.
@@ -773,6 +784,10 @@ class Codec:
             message says where to download them).
           ValueError: unknown preset, or weights not matching the preset.
         """
+        if name in VIDEO_PRESET_NAMES:
+            from dfm_jax.models.cogvideox import VideoCodec
+
+            return VideoCodec.load(name, weights, dtype, decode_tile, seed)
         config = autoencoder_config(name, dtype=dtype)
         if not weights:
             if name != "tiny":

@@ -22,7 +22,7 @@ from dfm_jax.models import autoencoder
 
 #: Autoencoders that may be built with random weights (tests and demos only; always the
 #: same weights, so that `prepare` and the decoder agree).
-RANDOM_INIT_NAMES = ("tiny",)
+RANDOM_INIT_NAMES = ("tiny", "tiny-video")
 
 
 def check_matches_dataset(settings, source) -> None:
