@@ -33,6 +33,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections.config_flags import config_flags  # is_config_flag is not re-exported
 
+from dfm_jax.utils import errors
 from dfm_jax.utils import names as names_lib
 
 # absl and ml_collections do not import TensorFlow; the CLIs import this module first.
@@ -48,8 +49,17 @@ _TRACEBACK = flags.DEFINE_bool(
 )
 
 #: Exceptions that report a user's mistake: config and data validation raise ValueError
-#: naming the field; missing or unreadable files; absl's usage errors.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, app.UsageError)
+#: naming the field; missing or unreadable files; absl's usage errors; and the faults a
+#: run detects itself (``errors.RunFault``: no readable checkpoint, a held workdir, a
+#: full disk, a corrupt data record).
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    NotADirectoryError,
+    PermissionError,
+    app.UsageError,
+    errors.RunFault,
+)
 
 #: Exit status of a user error (as argparse's).
 EXIT_USER_ERROR = 2

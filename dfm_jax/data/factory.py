@@ -104,7 +104,9 @@ def _array_record(settings: Any) -> common.Source:
     split_dir = os.path.join(directory, settings.split)
     if os.path.isfile(os.path.join(split_dir, METADATA_FILENAME)):
         directory = split_dir
-    return ArrayRecordLatentSource(directory, latent_sample=settings.latent_sample)
+    return ArrayRecordLatentSource(
+        directory, latent_sample=settings.latent_sample, bad_records=settings.bad_records
+    )
 
 
 @dataclasses.dataclass(frozen=True)

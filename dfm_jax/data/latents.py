@@ -26,10 +26,17 @@ When records hold moments and `latent_sample=True`, every read draws a fresh lat
 `mean + std * eps` with the per-example RNG that Grain's sampler derives from the pipeline
 seed and the example's position in the stream, so the draws are reproducible and a resumed
 run draws exactly what an uninterrupted one would (`SampleLatent`).
+
+A record that cannot be read (a corrupt shard) or decodes to the wrong fields or shape
+is reported with its shard file and its index in that shard (`BadRecordError`). With
+`bad_records="stop"` (the default, `config.data.bad_records`) the run stops; with
+`"skip"` the next readable record is returned in its place and the source counts the
+skipped ones (`skipped`, logged with each).
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import glob
 import json
@@ -43,7 +50,7 @@ from absl import logging
 from array_record.python import array_record_module
 
 from dfm_jax.data import common, record_format
-from dfm_jax.utils import files
+from dfm_jax.utils import errors, files
 
 METADATA_FILENAME = "metadata.json"
 SHARD_SUFFIX = ".array_record"
@@ -51,6 +58,14 @@ _FORMAT_NAME = "dfm_jax.latents"
 _FORMAT_VERSION = 1
 #: Storage dtypes allowed for latents and moments.
 LATENT_DTYPES = ("float32", "bfloat16", "float16")
+#: What a source does with a bad record (`config.data.bad_records`).
+BAD_RECORD_CHOICES = ("stop", "skip")
+#: With "skip", how many following records are tried before giving up.
+_MAX_SKIPPED_IN_A_ROW = 64
+
+
+class BadRecordError(record_format.RecordFormatError, errors.RunFault):
+    """A latent record that cannot be read or has the wrong fields or shape."""
 
 
 def shard_filename(index: int, count: int, prefix: str = "latents") -> str:
@@ -239,7 +254,13 @@ class ArrayRecordLatentSource(common.Source):
       class_names: ``metadata.extra["class_names"]`` when it names every class, else None.
     """
 
-    def __init__(self, directory: str | os.PathLike, latent_sample: bool = True):
+    def __init__(
+        self, directory: str | os.PathLike, latent_sample: bool = True, bad_records: str = "stop"
+    ):
+        if bad_records not in BAD_RECORD_CHOICES:
+            raise ValueError(f"bad_records: one of {BAD_RECORD_CHOICES}, got {bad_records!r}")
+        self.bad_records = bad_records
+        self.skipped = 0
         self.directory = os.fspath(directory)
         self.metadata = read_metadata(self.directory)
         self.paths = shard_paths(self.directory)
@@ -248,6 +269,17 @@ class ArrayRecordLatentSource(common.Source):
                 f"latent dataset {self.directory!r} has {METADATA_FILENAME} but no "
                 f"*{SHARD_SUFFIX} shards"
             )
+        self._starts = [0]  # the global index of each shard's first record
+        for path in self.paths:
+            try:
+                reader = array_record_module.ArrayRecordReader(path)
+                self._starts.append(self._starts[-1] + reader.num_records())
+                reader.close()
+            except Exception as e:  # a shard whose index (footer) cannot be read
+                raise BadRecordError(
+                    f"latent shard {os.path.basename(path)} in {self.directory} cannot be "
+                    f"opened: {e}"
+                ) from None
         self._source = grain.sources.ArrayRecordDataSource(self.paths)
         if len(self._source) != self.metadata.num_examples:
             raise ValueError(
@@ -297,8 +329,47 @@ class ArrayRecordLatentSource(common.Source):
             )
         return array
 
+    def where(self, index: int) -> tuple[str, int]:
+        """The shard file name of global record ``index`` and its index in that shard."""
+        shard = bisect.bisect_right(self._starts, index) - 1
+        return os.path.basename(self.paths[shard]), index - self._starts[shard]
+
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         index = int(index)
+        try:
+            return self._read(index)
+        except Exception as e:
+            error = self._bad_record(index, e)
+            if self.bad_records == "stop":
+                raise error from e
+            first_error = error
+        for offset in range(1, min(_MAX_SKIPPED_IN_A_ROW, len(self))):
+            self.skipped += 1
+            logging.warning("%s; skipped (%d bad records so far)", first_error, self.skipped)
+            try:
+                return self._read((index + offset) % len(self))
+            except Exception as e:
+                first_error = self._bad_record((index + offset) % len(self), e)
+        raise BadRecordError(
+            f"{first_error}; and every record up to {_MAX_SKIPPED_IN_A_ROW} after it is bad"
+        )
+
+    def _bad_record(self, index: int, error: Exception) -> BadRecordError:
+        shard, position = self.where(index)
+        message = str(error)
+        if isinstance(error, record_format.RecordFormatError):
+            message = message.removeprefix(f"{self.directory}: ")
+        else:
+            message = f"cannot be read ({type(error).__name__}: {' '.join(message.split())})"
+        return BadRecordError(
+            f"{self.directory}: bad record {position} of shard {shard} (example {index}): "
+            f"{message}. Set config.data.bad_records='skip' to skip bad records"
+            if self.bad_records == "stop"
+            else f"{self.directory}: bad record {position} of shard {shard} (example {index}): "
+            f"{message}"
+        )
+
+    def _read(self, index: int) -> dict[str, np.ndarray]:
         record = record_format.decode(self._source[index])
         label = np.asarray(record["label"], np.int32)
         if not self.metadata.moments:

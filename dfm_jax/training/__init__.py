@@ -5,5 +5,6 @@
 * ``train_step``: the pure train step (optimizer, EMA, non-finite guard);
 * ``loop``: the one trainer of every method, with its periodic actions;
 * ``checkpoint`` (Orbax), ``preemption`` (SIGTERM), ``samples`` (grids and previews),
-  ``decoding`` (the autoencoder of latent configs), ``perf`` (FLOPs, peaks).
+  ``decoding`` (the autoencoder of latent configs), ``perf`` (FLOPs, peaks),
+  ``workdir_lock`` (one trainer per workdir, a writable workdir).
 """

@@ -4,9 +4,11 @@
 Its phases (big_vision style):
 
 1. setup: the mesh, data source, method and sharded state layout (``training.setup``);
-2. input: the seeded, process-sharded Grain iterator;
-3. restore, in this order: the newest checkpoint in ``workdir``, else
-   ``settings.resume``, else a fresh state initialised directly sharded;
+2. input: the seeded, process-sharded Grain iterator, after the workdir is checked
+   writable and locked (``training.workdir_lock``: one trainer per workdir);
+3. restore, in this order: the newest readable checkpoint in ``workdir`` (unreadable
+   ones are renamed aside, ``Checkpointer.restore_newest``), else ``settings.resume``,
+   else a fresh state initialised directly sharded;
 4. update: one jitted step per batch with the state donated;
 5. periodic actions around it: metrics every ``log_every`` steps (TensorBoard and one
    console line), checkpoints every ``checkpoint_every``, sample grids every
@@ -27,7 +29,7 @@ from clu import metric_writers, periodic_actions
 from dfm_jax import config as config_lib
 from dfm_jax import data, parallel
 from dfm_jax.evaluation import evaluators as evaluators_lib
-from dfm_jax.training import checkpoint, perf
+from dfm_jax.training import checkpoint, perf, workdir_lock
 from dfm_jax.training.preemption import PreemptionWatcher
 from dfm_jax.training.samples import SampleWriter
 from dfm_jax.training.setup import Setup, build, compile_train_step, initial_state
@@ -41,14 +43,21 @@ class NonFiniteLossError(RuntimeError):
 def restore_or_initialize(
     setup: Setup, checkpointer: checkpoint.Checkpointer, iterator, init_key: jax.Array
 ) -> TrainState:
-    """Newest checkpoint in the workdir, else ``settings.resume``, else a fresh state."""
-    if checkpointer.latest_step() is not None:
-        state, _ = checkpointer.restore(setup.abstract_state, iterator)
+    """Newest readable checkpoint in the workdir, else ``settings.resume``, else a fresh state.
+
+    Unreadable checkpoints are renamed aside and the next older one is tried
+    (``Checkpointer.restore_newest``); a workdir whose checkpoints are all unreadable
+    stops the run rather than starting it afresh.
+    """
+    if checkpointer.all_steps() or checkpointer.set_aside():
+        state, _ = checkpointer.restore_newest(setup.abstract_state, iterator)
         return state
     if setup.settings.resume:
         source = checkpoint.Checkpointer(setup.settings.resume, async_save=False)
-        state, step = source.restore(setup.abstract_state)
-        source.close()
+        try:
+            state, step = source.restore_newest(setup.abstract_state, rename=False)
+        finally:
+            source.close()
         logging.info("Started from %s (step %d); data order starts afresh", source.directory, step)
         return state
     return initial_state(setup, init_key)
@@ -204,7 +213,18 @@ def run(settings: config_lib.Settings, workdir: str) -> TrainState:
     """
     setup = build(settings)
     init_key, train_key = jax.random.split(jax.random.key(settings.seed))
-    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        workdir_lock.check_writable(workdir)
+    lock = workdir_lock.WorkdirLock(workdir)
+    lock.acquire()  # one trainer per workdir
+    try:
+        return _run(setup, workdir, init_key, train_key)
+    finally:
+        lock.release()
+
+
+def _run(setup: Setup, workdir: str, init_key: jax.Array, train_key: jax.Array) -> TrainState:
+    settings = setup.settings
     iterator = data.make_train_iterator(
         setup.source,
         global_batch_size=settings.batch_size,
@@ -222,10 +242,14 @@ def run(settings: config_lib.Settings, workdir: str) -> TrainState:
     _header(setup, state, workdir, flops)
     loop = _Loop(setup, workdir, writer, checkpointer, iterator, train_key, flops)
     try:
-        return loop.train(state)
+        state = loop.train(state)
+        checkpointer.wait()  # a failed last save raises here (CheckpointSaveError)
+        return state
     finally:
-        checkpointer.close()
-        writer.flush()
+        try:
+            checkpointer.close()
+        finally:
+            writer.flush()
 
 
 class _Loop:
