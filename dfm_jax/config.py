@@ -44,7 +44,7 @@ from dfm_jax.models import autoencoder, dit
 from dfm_jax.utils import names as names_lib
 
 #: Training methods (``dfm_jax.method.methods``).
-METHODS = ("dfm", "flow_matching")
+METHODS = ("dfm", "flow_matching", "pyramidal", "cascaded")
 
 
 class ConfigError(ValueError):
@@ -121,6 +121,59 @@ class PyramidSettings:
     def name(self) -> str:
         """Key of this decomposition's per-scale stds in dataset metadata, e.g. "laplacian_2"."""
         return pyramid.metadata_name(self.kind, self.ratios)
+
+
+@dataclasses.dataclass(frozen=True)
+class PyramidalSettings:
+    """Pyramidal Flow (``dfm_jax.method.pyramidal``), read when ``method = "pyramidal"``.
+
+    Its K stages are the pyramid's scales (``pyramid.ratios`` all 2: x2 per stage), one
+    single-scale DiT (``model.patch_sizes`` one entry) runs at every stage's resolution, and
+    ``sampling.thresholds`` must equal the stage boundaries (fixed in training).
+    """
+
+    boundaries: tuple[float, ...] | None = None  # t at each stage jump; None: equal k / K
+    gamma: float = 1.0 / 3.0  # block-noise correlation of the jump (code and paper: 1/3)
+
+    def __post_init__(self):
+        _check(
+            0.0 < self.gamma <= 1.0 / 3.0 + 1e-12, "gamma", f"must be in (0, 1/3], got {self.gamma}"
+        )
+
+    def schedule(self, num_stages: int):
+        """The ``pyramidal.PyramidalSchedule`` of ``num_stages`` stages."""
+        from dfm_jax.method import pyramidal
+
+        return pyramidal.PyramidalSchedule(num_stages, self.boundaries, self.gamma)
+
+
+@dataclasses.dataclass(frozen=True)
+class CascadedSettings:
+    """The Cascaded baseline (``dfm_jax.method.cascaded``), read when ``method = "cascaded"``.
+
+    Two scales (``pyramid.ratios`` one entry r): a stage-1 DiT with ``model.patch_sizes[0]``
+    at the low resolution and a stage-2 DiT with ``model.patch_sizes[1]`` at the full
+    resolution (equal token grids, as for DFM); both of ``model``'s size. Flow Matching
+    times and label dropout come from ``objective`` (``current_*``, ``label_dropout``).
+    """
+
+    stage1_fraction: float = 0.5  # share of every batch (and so of the FLOPs) for stage 1
+    condition_location: float = 1.5  # LogitNormal location of the training condition's t
+    condition_scale: float = 1.0  # LogitNormal scale of the training condition's t
+    inference_noise: float = 0.025  # 1 - t of the condition at inference (paper: 0.025)
+
+    def __post_init__(self):
+        _check(
+            0.0 < self.stage1_fraction < 1.0,
+            "stage1_fraction",
+            f"must be in (0, 1), got {self.stage1_fraction}",
+        )
+        _check(self.condition_scale > 0, "condition_scale", "must be positive")
+        _check(
+            0.0 <= self.inference_noise < 1.0,
+            "inference_noise",
+            f"must be in [0, 1), got {self.inference_noise}",
+        )
 
 
 #: The DFM objective's hyperparameters, declared (with defaults and checks) where the
@@ -230,8 +283,15 @@ class DataSettings:
     latent_sample: bool = True  # array_record moments: draw a latent per read (False: mean)
     validate_files: bool = True  # image_folder: header-check every file when indexing
     worker_count: int = 0  # Grain worker processes (0: in the training process)
+    bad_records: str = "stop"  # array_record: a corrupt/misshapen record "stop"s or "skip"s
 
     def __post_init__(self):
+        _check(
+            self.bad_records in ("stop", "skip"),
+            "bad_records",
+            f'must be "stop" (end the run) or "skip" (read the next record, counted), got '
+            f"{self.bad_records!r}",
+        )
         _check(
             self.source in SOURCES,
             "source",
@@ -258,16 +318,19 @@ class AutoencoderSettings:
     grids, previews and metrics (and ``python -m dfm_jax.prepare`` encodes with it).
     """
 
-    name: str = ""  # "sd-vae-ft-ema" | "sd-vae-ft-mse" | "flux-ae" | "tiny" (tests) | ""
+    # sd-vae-ft-ema | sd-vae-ft-mse | flux-ae | cogvideox-2b | cogvideox-5b (video) | tiny |
+    # tiny-video (tests) | "" (pixels)
+    name: str = ""
     weights: str = ""  # diffusers diffusion_pytorch_model.safetensors (or its directory)
     dtype: str = "float32"  # compute dtype; "bfloat16" on accelerators
     decode_tile: int = 0  # latent tile side for tiled decoding; 0 decodes whole
 
     def __post_init__(self):
         _check(
-            not self.name or self.name in autoencoder.PRESETS,
+            not self.name or self.name in (*autoencoder.PRESETS, *autoencoder.VIDEO_PRESET_NAMES),
             "name",
-            f"unknown autoencoder {self.name!r}; use one of {sorted(autoencoder.PRESETS)} or '' "
+            f"unknown autoencoder {self.name!r}; use one of "
+            f"{sorted((*autoencoder.PRESETS, *autoencoder.VIDEO_PRESET_NAMES))} or '' "
             "for pixel space",
         )
         _check(
@@ -358,7 +421,9 @@ class Settings:
     keep_checkpoints: int = 3
     max_consecutive_nonfinite: int = 20  # stop after this many skipped (non-finite) updates
     resume: str = ""  # a checkpoint directory to start from when the workdir has none
-    method: str = "dfm"  # "dfm" | "flow_matching" (one scale; flow_matching_twin)
+    method: str = (
+        "dfm"  # "dfm" | "flow_matching" (one scale; flow_matching_twin) | "pyramidal" | "cascaded"
+    )
     mesh: MeshSettings = MeshSettings()
     # Logical axis name -> mesh axes (dfm_jax.parallel.DEFAULT_RULES); None replicates.
     sharding_rules: tuple[tuple[str, Any], ...] = parallel.DEFAULT_RULES
@@ -369,6 +434,8 @@ class Settings:
     data: DataSettings = DataSettings()
     autoencoder: AutoencoderSettings = AutoencoderSettings()
     sampling: SamplingSettings = SamplingSettings()
+    pyramidal: PyramidalSettings = PyramidalSettings()
+    cascaded: CascadedSettings = CascadedSettings()
     evals: Mapping[str, EvalSettings] = dataclasses.field(default_factory=dict)
 
     _SECTIONS: ClassVar[tuple[str, ...]] = (
@@ -380,6 +447,8 @@ class Settings:
         "data",
         "autoencoder",
         "sampling",
+        "pyramidal",
+        "cascaded",
     )
 
     def __post_init__(self):
@@ -409,6 +478,9 @@ class Settings:
     def _check_scales(self) -> None:
         """One patch size, one p_q entry and one sampling stage per scale."""
         scales, ratios, patches = self.num_scales, self.pyramid.ratios, self.model.patch_sizes
+        if self.method == "pyramidal":
+            self._check_pyramidal()
+            return
         _check(
             len(patches) == scales,
             "model.patch_sizes",
@@ -424,8 +496,10 @@ class Settings:
             f"{patches} do not give equal token grids for pyramid ratios {ratios}: each patch "
             f"size must be the previous one times the ratio, e.g. {tuple(matching)}",
         )
+        if self.method == "cascaded":
+            self._check_cascaded()
         _check(
-            len(self.objective.stage_probs) == scales,
+            self.method == "cascaded" or len(self.objective.stage_probs) == scales,
             "objective.stage_probs",
             f"{self.objective.stage_probs} must have one entry per scale ({scales})",
         )
@@ -440,6 +514,65 @@ class Settings:
                 "'flow_matching' trains one scale: set pyramid.ratios=() and "
                 "objective.stage_probs=(1.0,) (config.flow_matching_twin does it)",
             )
+
+    def _check_cascaded(self) -> None:
+        """Cascaded: two scales, both stages with examples in every batch."""
+        _check(
+            self.num_scales == 2,
+            "pyramid.ratios",
+            f"Cascaded has two stages: give one ratio, got {self.pyramid.ratios}",
+        )
+        _check(not self.pyramid.standardize, "pyramid.standardize", "is not supported by cascaded")
+        _check(not self.model.preconditioning, "model.preconditioning", "not supported by cascaded")
+        n1 = round(self.batch_size * self.cascaded.stage1_fraction)
+        _check(
+            0 < n1 < self.batch_size,
+            "cascaded.stage1_fraction",
+            f"{self.cascaded.stage1_fraction} of batch {self.batch_size} leaves a stage empty",
+        )
+
+    def _check_pyramidal(self) -> None:
+        """Pyramidal Flow: x2 stages, one patch size, trained boundaries, an even batch split."""
+        stages, ratios = self.num_scales, self.pyramid.ratios
+        _check(
+            stages >= 2 and all(r == 2 for r in ratios),
+            "pyramid.ratios",
+            f"Pyramidal Flow needs x2 stages, e.g. (2, 2) for three, got {ratios}",
+        )
+        _check(
+            len(self.model.patch_sizes) == 1,
+            "model.patch_sizes",
+            f"Pyramidal Flow runs one single-scale DiT at every stage: give one patch size, "
+            f"got {self.model.patch_sizes}",
+        )
+        _check(not self.pyramid.standardize, "pyramid.standardize", "is not supported by pyramidal")
+        _check(
+            not self.model.preconditioning,
+            "model.preconditioning",
+            "is not supported by pyramidal",
+        )
+        try:
+            self.sampling.check_num_scales(stages)
+        except ValueError as e:
+            raise ConfigError(f"sampling.{e}") from None
+        try:
+            schedule = self.pyramidal.schedule(stages)
+        except ValueError as e:
+            raise ConfigError(f"pyramidal.{e}") from None
+        _check(
+            all(
+                abs(a - b) <= 1e-6
+                for a, b in zip(self.sampling.thresholds, schedule.boundaries, strict=True)
+            ),
+            "sampling.thresholds",
+            f"{self.sampling.thresholds} must equal the Pyramidal Flow stage boundaries "
+            f"{schedule.boundaries} (pyramidal.boundaries), fixed in training",
+        )
+        _check(
+            self.batch_size % stages == 0,
+            "batch_size",
+            f"{self.batch_size} must split evenly over the {stages} Pyramidal Flow stages",
+        )
 
     @property
     def num_scales(self) -> int:
@@ -645,4 +778,95 @@ def flow_matching_twin(config: ml_collections.ConfigDict) -> ml_collections.Conf
     twin.model.stage_embedding = False
     twin.sampling.steps_per_stage = (int(sum(config.sampling.steps_per_stage)),)
     twin.sampling.thresholds = ()
+    return twin
+
+
+def _forward_flops(
+    config: ml_collections.ConfigDict,
+    shapes: list[tuple[int, ...]],
+    patch_sizes: tuple[int, ...] | None = None,
+) -> int:
+    """One forward pass of ``config.model`` (optionally other patch sizes) over ``shapes``."""
+    fields = config.model.to_dict()
+    if patch_sizes is not None:
+        fields["patch_sizes"] = tuple(patch_sizes)
+    model = _read_section(ModelSettings, fields, "model.")
+    architecture = model.architecture(
+        in_channels=int(config.data.channels),
+        num_classes=int(config.data.num_classes),
+        scale_stds=None,
+    )
+    return dit.forward_flops(architecture, shapes)
+
+
+def _scale_shapes(config: ml_collections.ConfigDict) -> list[tuple[int, ...]]:
+    """Per-example scale shapes of ``config``'s pyramid at ``data.resolution``."""
+    size, channels = int(config.data.resolution), int(config.data.channels)
+    sizes = pyramid.make(config.pyramid.kind, config.pyramid.ratios).scale_sizes(size, size)
+    return [(h, w, channels) for h, w in sizes]
+
+
+def _equal_steps(total: int, stages: int) -> tuple[int, ...]:
+    """``total`` sampling steps split as equally as possible over ``stages``."""
+    return tuple(total // stages + (k >= stages - total % stages) for k in range(stages))
+
+
+def cascaded_twin(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The Cascaded baseline of a two-scale DFM config at equal training compute.
+
+    Stage 1: a DiT with ``model.patch_sizes[0]`` at the coarse scale's resolution; stage 2:
+    a DiT with ``model.patch_sizes[1]`` at the full resolution (both the same token grid as
+    DFM, both of ``model``'s size); each batch split evenly (``cascaded.stage1_fraction``
+    0.5); the DFM config's total sampling steps split equally (40 -> 20 + 20, the paper's).
+    Equal compute: ``total_steps`` is scaled by the ratio of forward FLOPs per example,
+    ``config``'s to the expected ``0.5 flops_1 + 0.5 flops_2``.
+    """
+    twin = copy.deepcopy(config)
+    twin.method = "cascaded"
+    twin.pyramid.stds = None
+    twin.pyramid.standardize = False
+    twin.model.stage_embedding = False
+    twin.model.preconditioning = False
+    twin.sampling.steps_per_stage = _equal_steps(int(sum(config.sampling.steps_per_stage)), 2)
+    low, high = _scale_shapes(config)
+    p1, p2 = (int(p) for p in config.model.patch_sizes)
+    fraction = float(twin.cascaded.stage1_fraction)
+    flops = fraction * _forward_flops(twin, [low], (p1,)) + (1 - fraction) * _forward_flops(
+        twin, [high, high], (p2, p2)
+    )
+    reference = _forward_flops(config, _scale_shapes(config))
+    twin.total_steps = round(config.total_steps * reference / flops)
+    return twin
+
+
+def pyramidal_twin(
+    config: ml_collections.ConfigDict, ratios: tuple[int, ...] = (2,)
+) -> ml_collections.ConfigDict:
+    """The Pyramidal Flow baseline of a DFM (or FM) config at equal training compute.
+
+    K = len(ratios) + 1 stages (x2 each, coarse to fine), one single-scale DiT with the
+    finest patch size of ``config`` (so the last stage has the same token grid, backbone,
+    batch and optimizer), equal stage windows, the same total sampling steps split equally
+    over the stages. Equal compute: a Pyramidal step costs less (the batch is split evenly
+    over the stages and the coarse ones have fewer tokens), so ``total_steps`` is scaled by
+    the ratio of forward FLOPs per example, ``config``'s to the twin's (``dfm_jax.models.dit
+    .forward_flops``, with ``data.resolution`` and ``data.channels``).
+    """
+    twin = copy.deepcopy(config)
+    twin.method = "pyramidal"
+    twin.pyramid.ratios = tuple(ratios)
+    twin.pyramid.stds = None
+    twin.pyramid.standardize = False
+    twin.model.patch_sizes = (int(config.model.patch_sizes[-1]),)
+    twin.model.stage_embedding = False
+    twin.model.preconditioning = False
+    stages = len(ratios) + 1
+    twin.sampling.steps_per_stage = _equal_steps(int(sum(config.sampling.steps_per_stage)), stages)
+    twin.sampling.thresholds = tuple(k / stages for k in range(1, stages))
+    twin.pyramidal.boundaries = None
+    size, channels = int(config.data.resolution), int(config.data.channels)
+    reference = _forward_flops(config, _scale_shapes(config))
+    mine = [(size // 2 ** (stages - 1 - k),) * 2 + (channels,) for k in range(stages)]
+    flops = sum(_forward_flops(twin, [s]) for s in mine) / stages
+    twin.total_steps = round(config.total_steps * reference / flops)
     return twin

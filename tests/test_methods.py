@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -112,4 +114,51 @@ def test_flow_matching_is_one_scale_with_stage_probs_one():
             example_shape=SHAPE,
             num_classes=3,
         )
-    assert set(methods.METHODS) == {"dfm", "flow_matching"}
+    assert set(methods.METHODS) == {"dfm", "flow_matching", "pyramidal", "cascaded"}
+
+
+@dataclasses.dataclass(frozen=True)
+class _RecordingDFM(methods.DecomposableFlowMatching):
+    """DFM whose network records what it is called with and predicts zeros."""
+
+    calls: list = dataclasses.field(default_factory=list)
+
+    def network(self, params):
+        def velocity(scales, t, mask, labels):
+            self.calls.append((scales, t, mask, labels))
+            return tuple(jnp.zeros_like(x) for x in scales)
+
+        return velocity
+
+
+def test_the_network_sees_ten_percent_null_labels_and_the_drawn_masks():
+    base = _dfm()
+    method = _RecordingDFM(
+        model=base.model,
+        decomposition=base.decomposition,
+        objective=base.objective,  # label_dropout 0.1, stage_probs (0.9, 0.1)
+        example_shape=SHAPE,
+        num_classes=3,
+    )
+    n = 4000
+    labels = jnp.asarray(np.arange(n) % 3, jnp.int32)
+    images = jax.random.normal(jax.random.key(2), (n, *SHAPE))
+    key = jax.random.key(7)
+    loss, _ = method.loss(None, images, labels, key)
+    ((scales, t, mask, seen),) = method.calls
+    seen = np.asarray(seen)
+    null = seen == 3
+    assert 0.08 < null.mean() < 0.12, null.mean()  # binomial sd 0.005
+    np.testing.assert_array_equal(seen[~null], np.asarray(labels)[~null])
+    # The masks (and times, inputs) are those drawn from split(key)[0], not all ones.
+    inputs = objective.make_training_inputs(
+        jax.random.split(key)[0], base.decomposition.decompose(images), base.objective
+    )
+    np.testing.assert_array_equal(mask, inputs.mask)
+    np.testing.assert_array_equal(t, inputs.t)
+    assert 0.07 < float(np.asarray(mask)[:, 1].mean()) < 0.13  # p_q = (0.9, 0.1)
+    for x, y in zip(scales, inputs.noisy, strict=True):
+        np.testing.assert_array_equal(x, y)
+    # Zero predictions: the loss is the masked mean of |v|^2.
+    expected = objective.loss_fn([jnp.zeros_like(v) for v in inputs.targets], inputs.targets, mask)
+    np.testing.assert_allclose(loss, expected.loss, rtol=1e-6)

@@ -18,7 +18,9 @@ passed in, never closed over), meant to be called inside ``jax.jit``:
 
 Implementations: ``DecomposableFlowMatching`` (the paper; ``dfm_jax.method.objective`` and
 ``dfm_jax.method.sampling``) and ``FlowMatching``, its one-scale special case (S = 1,
-``p_q = (1,)``), which is the paper's Flow Matching baseline exactly.
+``p_q = (1,)``), which is the paper's Flow Matching baseline exactly. The Pyramidal Flow
+baseline is ``dfm_jax.method.pyramidal.PyramidalFlow`` and the Cascaded one
+``dfm_jax.method.cascaded.Cascaded`` (both registered below).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from dfm_jax.method import objective, sampling
+from dfm_jax.method import cascaded, objective, pyramidal, sampling
 from dfm_jax.method.pyramid import Decomposition
 from dfm_jax.models import dit
 
@@ -192,8 +194,15 @@ class FlowMatching(DecomposableFlowMatching):
         super().__post_init__()
 
 
+# The paper's baselines implement the interface in their own modules (which do not import
+# this one); registered as virtual subclasses so ``isinstance(m, Method)`` holds.
+Method.register(pyramidal.PyramidalFlow)
+Method.register(cascaded.Cascaded)
+
 #: Method name (``config.method``) -> class.
-METHODS: dict[str, type[DecomposableFlowMatching]] = {
+METHODS: dict[str, type] = {
     DecomposableFlowMatching.name: DecomposableFlowMatching,
     FlowMatching.name: FlowMatching,
+    pyramidal.PyramidalFlow.name: pyramidal.PyramidalFlow,
+    cascaded.Cascaded.name: cascaded.Cascaded,
 }

@@ -150,12 +150,51 @@ def build_method(settings: config_lib.Settings, source: Any) -> methods.Method:
         num_classes=num_classes,
         scale_stds=model_stds(settings, stds),
     )
+    if settings.method == "pyramidal":
+        return methods.METHODS["pyramidal"](
+            model=dit.DiT(architecture),
+            schedule=settings.pyramidal.schedule(settings.num_scales),
+            example_shape=example_shape,
+            num_classes=num_classes,
+            label_dropout=settings.objective.label_dropout,
+        )
+    if settings.method == "cascaded":
+        return build_cascaded(settings, example_shape, num_classes)
     return methods.METHODS[settings.method](
         model=dit.DiT(architecture),
         decomposition=build_decomposition(settings.pyramid, stds),
         objective=settings.objective,
         example_shape=example_shape,
         num_classes=num_classes,
+    )
+
+
+def build_cascaded(
+    settings: config_lib.Settings, example_shape: tuple[int, ...], num_classes: int
+) -> methods.Method:
+    """The Cascaded baseline: two DiTs of ``settings.model``'s size, one per stage."""
+    p1, p2 = settings.model.patch_sizes
+
+    def model(patch_sizes):
+        section = dataclasses.replace(settings.model, patch_sizes=patch_sizes)
+        config = section.architecture(
+            in_channels=example_shape[-1], num_classes=num_classes, scale_stds=None
+        )
+        return dit.DiT(config)
+
+    fields = settings.cascaded
+    return methods.METHODS["cascaded"](
+        stage1=model((p1,)),
+        stage2=model((p2, p2)),
+        ratio=settings.pyramid.ratios[0],
+        objective=settings.objective,
+        example_shape=example_shape,
+        num_classes=num_classes,
+        stage1_fraction=fields.stage1_fraction,
+        condition_location=fields.condition_location,
+        condition_scale=fields.condition_scale,
+        inference_noise=fields.inference_noise,
+        batch_size=settings.batch_size,
     )
 
 
