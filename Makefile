@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 RUNTIME_STAMP := $(VENV)/.installed-runtime
 
-.PHONY: venv test lint format demo demo-video fashion-mnist bench study clean
+.PHONY: venv test mutation lint format demo demo-video fashion-mnist bench study clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,12 @@ $(STAMP): $(RUNTIME_STAMP) requirements-dev.txt
 ## test: run the whole test suite on 8 simulated CPU devices
 test: $(STAMP)
 	$(PY) -m pytest
+
+## mutation: mutation-test the method modules with mutmut (slow, not in CI; see docs/testing.md)
+mutation: $(STAMP)
+	rm -rf mutants
+	$(VENV)/bin/mutmut run --max-children 2 || true
+	$(VENV)/bin/mutmut results
 
 ## lint: ruff lint and format checks
 lint: $(STAMP)

@@ -439,3 +439,28 @@ def test_sharded_apply_with_logical_rules_matches_unsharded():
     ref_grads = jax.jit(jax.grad(loss))(host_params)
     for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_stage_embedding_row_is_the_number_of_active_scales_minus_one():
+    """Rows set to known vectors: an example at stage k reads row k - 1 and no other row."""
+    cfg = tiny(patch_sizes=(1, 2))
+    mask = np.array([[1, 0], [1, 1]], bool)  # stage 1, stage 2
+    inputs = make_inputs(cfg, (4, 8), batch=2, mask=mask)
+    params = random_params(cfg, inputs)
+    apply = apply_fn(cfg)
+
+    def with_rows(row0, row1):
+        table = np.stack([row0, row1]).astype(np.float32)
+        return apply({**params, "stage_embedder": {"embedding_table": table}}, *inputs)
+
+    rng = np.random.default_rng(5)
+    a, b, other = (rng.standard_normal(32) for _ in range(3))
+    base = with_rows(a, b)
+
+    def changed(out, example):
+        return max(float(np.abs(o[example] - r[example]).max()) for o, r in zip(out, base))
+
+    row0_changed = with_rows(other, b)
+    row1_changed = with_rows(a, other)
+    assert changed(row0_changed, 0) > 1e-3 and changed(row1_changed, 0) == 0.0  # stage 1
+    assert changed(row1_changed, 1) > 1e-3 and changed(row0_changed, 1) == 0.0  # stage 2

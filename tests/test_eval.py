@@ -417,6 +417,69 @@ def test_sweep_end_to_end_then_resume(tiny, tmp_path, monkeypatch, capsys):
     assert np.abs(negated - (255 - images.astype(np.int32))).max() <= 1
 
 
+def test_resume_key_changes_with_each_identity_column(tiny, tmp_path, monkeypatch):
+    """A row is skipped only when step, init, sample count, seed, metrics and point match.
+
+    The points are "evaluated" by a stand-in that writes the rows the real evaluator
+    would key (``Evaluator.key_columns`` + the point's columns), so every run is cheap and
+    what is tested is the identity ``run_sweep`` resumes by.
+    """
+    config, source_workdir, extractors = tiny
+    workdir = str(tmp_path / "run")  # its own results.csv, the checkpoints of ``tiny``
+    os.makedirs(workdir)
+    os.symlink(os.path.join(source_workdir, "checkpoints"), os.path.join(workdir, "checkpoints"))
+    evaluated = []
+
+    def fake_run_points(scorer, params, step, points, rows, o):
+        for p in points:
+            evaluated.append(p.name)
+            row = {**scorer.key_columns(step), **p.columns(), "nfe": p.nfe, "is": 1.5}
+            rows.append({c: results_lib.format_value(c, v) for c, v in row.items()})
+        results_lib.write_results(scorer.context.eval_dir, rows)
+
+    monkeypatch.setattr(runner_lib, "_run_points", fake_run_points)
+    monkeypatch.setattr(runner_lib, "import_params", lambda setup, path, which: (path, which))
+    first_pt, second_pt = tmp_path / "a.pt", tmp_path / "b.pt"
+    first_pt.write_bytes(b"")
+    second_pt.write_bytes(b"")
+    base = dict(metrics="is", num_samples=20, batch_size=8, extractors=extractors, sweep="cfg=2.0")
+
+    def run(**changes):
+        before = len(evaluated)
+        run_sweep(config, workdir, **{**base, **changes})
+        return len(evaluated) - before
+
+    assert run() == 1 and run() == 0  # evaluated, then resumed
+    assert run(num_samples=24) == 1 and run(num_samples=24) == 0
+    assert run(seed=5) == 1 and run(seed=5) == 0
+    assert run(step=1) == 1 and run(step=1) == 0
+    # Imported checkpoints: another file, or the other state dict of the same file, is
+    # another row; neither is the workdir's checkpoint of the same step.
+    assert run(init=str(first_pt), step=2) == 1 and run(init=str(first_pt), step=2) == 0
+    assert run(init=str(second_pt), step=2) == 1
+    assert run(init=str(first_pt), init_key="model", step=2) == 1
+    assert run(init=str(first_pt), init_key="model", step=2) == 0
+    rows = _read_csv(workdir)
+    assert [r["init"] for r in rows] == [""] * 4 + [
+        f"{first_pt}:ema",
+        f"{second_pt}:ema",
+        f"{first_pt}:model",
+    ]
+    assert [(r["num_samples"], r["seed"], r["step"]) for r in rows[:4]] == [
+        ("20", str(config.seed), "2"),
+        ("24", str(config.seed), "2"),
+        ("20", "5", "2"),
+        ("20", str(config.seed), "1"),
+    ]
+    # A results.csv from before the init column: its rows read as init "" and still resume.
+    old_columns = [c for c in results_lib.COLUMNS if c != "init"]
+    with open(os.path.join(workdir, "eval", "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=old_columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows[:4])
+    assert run() == 0 and run(init=str(first_pt), step=2) == 1
+
+
 def test_missing_inputs_fail_before_generation(tiny, tmp_path, monkeypatch):
     config, workdir, extractors = tiny
     counter = GenerateCounter(monkeypatch)

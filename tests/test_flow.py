@@ -87,6 +87,17 @@ def test_training_inputs_interpolate_and_recover_data():
     assert abs(np.corrcoef(noise_1.ravel(), noise_2.ravel())[0, 1]) < 0.2
 
 
+def test_implied_training_noise_is_standard_normal_per_scale():
+    """eps_s = X_s - v_s has mean ~0 and std ~1 on every scale (not a scaled N(0, 1))."""
+    scales = _scales(batch=64, seed=1)
+    inputs = objective.make_training_inputs(KEY, scales, objective.ObjectiveConfig((0.2, 0.3, 0.5)))
+    for data, target in zip(scales, inputs.targets, strict=True):
+        noise = np.asarray(data - target, np.float64).ravel()
+        # n >= 64 * 2 * 2 * 2 = 512 values: mean within ~4.5 standard errors, std within 12 %.
+        assert abs(noise.mean()) < 4.5 / np.sqrt(noise.size), noise.mean()
+        assert 0.88 < noise.std() < 1.12, noise.std()
+
+
 def test_masked_prediction_does_not_change_the_loss():
     scales = _scales(batch=8, seed=1)
     config = objective.ObjectiveConfig(stage_probs=(0.5, 0.25, 0.25))
@@ -116,10 +127,18 @@ def test_loss_is_the_sum_of_active_per_scale_mses():
         jnp.asarray(rng.standard_normal((3, 2, 2, 1))),
         jnp.asarray(rng.standard_normal((3, 4, 4, 1))),
     ]
-    predictions = [jnp.zeros_like(x) for x in targets]
+    # Non-zero predictions (with zeros, (p - t)^2 and (p + t)^2 agree), one in bfloat16.
+    predictions = [
+        jnp.asarray(rng.standard_normal((3, 2, 2, 1)), jnp.bfloat16),
+        jnp.asarray(rng.standard_normal((3, 4, 4, 1))),
+    ]
     mask = jnp.asarray([[1.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
     out = objective.loss_fn(predictions, targets, mask)
-    mse = [np.square(np.asarray(x)).reshape(3, -1).mean(axis=1) for x in targets]
+    assert out.loss.dtype == out.per_scale.dtype == jnp.float32
+    mse = [
+        np.square(np.asarray(p, np.float64) - np.asarray(x, np.float64)).reshape(3, -1).mean(1)
+        for p, x in zip(predictions, targets)
+    ]
     expected = np.mean([mse[0][0] + mse[1][0], mse[0][1], mse[0][2]])
     np.testing.assert_allclose(out.loss, expected, rtol=1e-6)
     np.testing.assert_allclose(out.per_scale, [mse[0].mean(), mse[1][0]], rtol=1e-6)
@@ -158,3 +177,11 @@ def test_config_errors():
         objective.ObjectiveConfig(label_dropout=1.0)
     with pytest.raises(ValueError, match="earlier_scale"):
         objective.ObjectiveConfig(earlier_scale=0.0)
+
+
+def test_loss_fn_rejects_mismatched_scale_counts():
+    two = [jnp.zeros((2, 3)), jnp.zeros((2, 3))]
+    with pytest.raises(ValueError, match="got 1 predictions, 2 targets and a mask for 2 scales"):
+        objective.loss_fn(two[:1], two, jnp.ones((2, 2)))
+    with pytest.raises(ValueError, match="got 2 predictions, 2 targets and a mask for 3 scales"):
+        objective.loss_fn(two, two, jnp.ones((2, 3)))

@@ -151,7 +151,14 @@ def test_logical_dense_kernel_layout_and_init():
     assert variables["params"]["bias"].names == (None, "heads", "kv")
     # Xavier-uniform with the fans of the flattened (16, 24) matrix.
     bound = math.sqrt(6 / (16 + 24))
-    assert float(jnp.abs(kernel.value).max()) <= bound
+    values = np.asarray(kernel.value).ravel()  # 384 draws of U(-bound, bound)
+    assert float(np.abs(values).max()) <= bound
+    # U(-b, b): mean 0, std b / sqrt(3), and it fills the interval (a zero, constant or
+    # differently scaled init fails).
+    assert abs(values.mean()) < 4 * bound / math.sqrt(3 * values.size)
+    np.testing.assert_allclose(values.std(), bound / math.sqrt(3), rtol=0.1)
+    assert values.min() < -0.9 * bound and values.max() > 0.9 * bound
+    np.testing.assert_array_equal(variables["params"]["bias"].value, 0.0)
     y = mod.apply(variables, x)
     np.testing.assert_allclose(
         y, jnp.einsum("bld,dcnh->blcnh", x, kernel.value), rtol=1e-5, atol=1e-6
@@ -160,3 +167,21 @@ def test_logical_dense_kernel_layout_and_init():
         layers.logical_dense(
             4, ("embed",), name="d", dtype=jnp.float32, param_dtype=jnp.float32
         ).init(jax.random.key(0), x)
+
+
+def test_rope_angles_are_the_axial_formula():
+    """Pair i of an axis with n pairs turns by coord * theta^(-i / n), written out by hand."""
+    coords = np.array([[0, 0], [1, 2], [3, 5], [7, 1]])
+    head_dim, theta = 16, 100.0  # 8 pairs: 4 for rows, 4 for columns
+    cos, sin = layers.rope_angles(coords, head_dim, theta)
+    assert cos.shape == sin.shape == (4, 8)
+    for row, (h, w) in enumerate(coords):
+        angles = [h * theta ** (-i / 4) for i in range(4)] + [
+            w * theta ** (-i / 4) for i in range(4)
+        ]
+        np.testing.assert_allclose(cos[row], np.cos(angles), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(sin[row], np.sin(angles), rtol=1e-6, atol=1e-7)
+    # 3-D (t, h, w) with head_dim 12: 6 pairs as (2, 2, 2).
+    cos, _ = layers.rope_angles(np.array([[2, 3, 4]]), 12, theta)
+    expected = [c * theta ** (-i / 2) for c in (2, 3, 4) for i in range(2)]
+    np.testing.assert_allclose(cos[0], np.cos(expected), rtol=1e-6, atol=1e-7)

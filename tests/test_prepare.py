@@ -499,3 +499,54 @@ def test_two_processes_write_their_own_shards(prepared, image_folder, tmp_path):
     metadata = latents.read_metadata(out)
     assert metadata.num_examples == 30 and metadata.extra["skipped_images"] == 2
     assert sorted(metadata.scale_stds) == sorted(runner.stats.DEFAULT_PYRAMIDS)
+
+
+def test_options_from_flags_maps_every_flag_to_its_field():
+    """Each flag set to a distinct non-default value lands in the field of the same name."""
+    from absl import flags
+    from absl.testing import flagsaver
+
+    from dfm_jax import prepare
+
+    values = {
+        "out": "/tmp/out",
+        "source": "tfds",
+        "data_dir": "/data",
+        "tfds_name": "cifar10",
+        "split": "validation",
+        "image_key": "img",
+        "label_key": "cls",
+        "resolution": 64,
+        "autoencoder": "tiny",
+        "autoencoder_weights": "/w.safetensors",
+        "autoencoder_dtype": "bfloat16",
+        "flip": True,
+        "store": "sample",
+        "dtype": "float16",
+        "num_shards": 3,  # (images_per_shard: the one of the two not given)
+        "batch_size": 5,
+        "pyramids": ["haar_2"],
+        "stats_examples": 11,
+        "max_examples": 13,
+        "seed": 17,
+        "workers": 2,
+        "overwrite": True,
+        "progress": False,
+    }
+    argv = ["prepare"]
+    for name, value in values.items():
+        if isinstance(value, bool):
+            argv.append(f"--{'' if value else 'no'}{name}")
+        else:
+            argv.append(f"--{name}={','.join(value) if isinstance(value, list) else value}")
+    was_parsed = flags.FLAGS.is_parsed()
+    with flagsaver.flagsaver():
+        flags.FLAGS(argv)
+        options = prepare.options_from_flags()
+    if not was_parsed:
+        flags.FLAGS.unparse_flags()
+    expected = {**values, "pyramids": ("haar_2",), "images_per_shard": None}
+    fields = dataclasses.asdict(options)
+    assert set(fields) == set(expected)
+    for name, value in expected.items():
+        assert fields[name] == value, name

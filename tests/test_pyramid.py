@@ -153,3 +153,34 @@ def test_bad_inputs_raise_clear_errors():
         Standardized(Laplacian((2,)), (1.0, 1.0, 1.0))
     with pytest.raises(ValueError, match="positive"):
         Standardized(Laplacian((2,)), (1.0, 0.0))
+
+
+def _np_block_mean(x, factor):
+    b, h, w, c = x.shape
+    return x.reshape(b, h // factor, factor, w // factor, factor, c).mean(axis=(2, 4))
+
+
+def _np_nearest_up(x, factor):
+    return np.repeat(np.repeat(x, factor, axis=1), factor, axis=2)
+
+
+def test_haar_level_2_and_standardized_scales_are_block_means():
+    """Every scale written with numpy block means (a wrong operator cannot pass)."""
+    x = np.asarray(_random((2, 8, 8, 2), seed=6), np.float64)
+    means = [_np_block_mean(x, 4), _np_block_mean(x, 2), x]
+    haar = [np.asarray(s) for s in HaarDWT(2).decompose(jnp.asarray(x, jnp.float32))]
+    expected = [means[0]] + [
+        fine - _np_nearest_up(coarse, 2) for coarse, fine in itertools.pairwise(means)
+    ]
+    for got, want in zip(haar, expected, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    # Laplacian x2 x2 (x2 bilinear down = 2x2 mean), standardised by known stds.
+    stds = (0.3, 1.7, 0.05)
+    scales = Standardized(Laplacian((2, 2)), stds).decompose(jnp.asarray(x, jnp.float32))
+    lowpass = [means[0], means[1], x]
+    laplacian = [lowpass[0]] + [
+        fine - _torch_resize(coarse.astype(np.float32), fine.shape[1:3])
+        for coarse, fine in itertools.pairwise(lowpass)
+    ]
+    for got, want, std in zip(scales, laplacian, stds, strict=True):
+        np.testing.assert_allclose(np.asarray(got) * std, want, atol=1e-5)

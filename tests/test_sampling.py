@@ -131,11 +131,50 @@ def jax_toy_velocity(scales, t, mask, labels):
     return toy_velocity(jnp, scales, t, mask, labels)
 
 
+def spec_schedule(steps, thresholds):
+    """DFM spec section 4 written out: times ``(N + 1, S)`` and active stages ``(N, S)``.
+
+    Phase k (steps N_(k-1)..N_k) moves stage k from 0 to tau_k; afterwards it goes on
+    linearly to 1 over the remaining steps; stage k is updated from step N_(k-1) on.
+    """
+    taus = [*thresholds, 1.0]
+    bounds = [0, *np.cumsum(steps).tolist()]
+    total = bounds[-1]
+    times = np.zeros((total + 1, len(steps)))
+    for n in range(total + 1):
+        for s, (start, end) in enumerate(itertools.pairwise(bounds)):
+            if start <= n <= end:
+                times[n, s] = taus[s] * (n - start) / steps[s]
+            elif n > end:
+                times[n, s] = taus[s] + (1 - taus[s]) * (n - end) / (total - end)
+    active = np.array([[n >= start for start in bounds[:-1]] for n in range(total)])
+    return times, active
+
+
+def test_stage_schedule_hard_coded():
+    times, active = sampling.stage_schedule((2, 1, 2), (0.5, 0.8))
+    expected = [
+        [0.0, 0.0, 0.0],
+        [0.25, 0.0, 0.0],
+        [0.5, 0.0, 0.0],
+        [2 / 3, 0.8, 0.0],
+        [5 / 6, 0.9, 0.5],
+        [1.0, 1.0, 1.0],
+    ]
+    np.testing.assert_allclose(times, expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(active, [[1, 0, 0], [1, 0, 0], [1, 1, 0], [1, 1, 1], [1, 1, 1]])
+    for steps, thresholds in [((6,), ()), ((5, 3), (0.7,)), ((4, 3, 2), (0.6, 0.8))]:
+        got, got_active = sampling.stage_schedule(steps, thresholds)
+        want, want_active = spec_schedule(steps, thresholds)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(got_active, want_active)
+
+
 def reference_sample(
     noise, labels, steps, thresholds, solver, cfg_scale=1.0, interval=(0.0, 1.0), pyr=None
 ):
     """Plain float64 loop over the spec's rules (independent of the scan implementation)."""
-    times, active = sampling.stage_schedule(steps, thresholds)
+    times, active = spec_schedule(steps, thresholds)
     num_steps, num_stages = active.shape
     bounds = list(np.cumsum(steps))
     x = [np.asarray(e, np.float64) for e in noise]

@@ -225,3 +225,48 @@ def max_abs_difference(a, b) -> float:
 
 def trees_differ(a, b) -> bool:
     return any(not np.array_equal(x, y) for _, x, y in _pairs(a, b))
+
+
+def grid_samples(setup, ema_params) -> np.ndarray:
+    """The trainer's sample-grid images recomputed: ``method.generate`` from the sample
+    key ``fold_in(key(seed), 2**31 - 1)`` on the grid labels, decoded to pixels."""
+    import jax.numpy as jnp
+
+    from dfm_jax.training import decoding
+
+    sampling_settings = setup.settings.sampling
+    labels = jnp.repeat(
+        jnp.arange(sampling_settings.grid_classes, dtype=jnp.int32) % setup.num_classes,
+        sampling_settings.samples_per_class,
+    )
+    key = jax.random.fold_in(jax.random.key(setup.settings.seed), 2**31 - 1)
+    sampler = sampling_settings.sampler()
+    with setup.context():
+        images = jax.jit(lambda p: setup.method.generate(p, key, labels, sampler))(ema_params)
+        codec = decoding.load_codec(setup.settings.autoencoder, setup.mesh, required=False)
+        if codec is not None:
+            images = codec.decode(images)
+    return np.asarray(jax.device_get(images))
+
+
+def assert_grid_holds(grid: np.ndarray, images: np.ndarray, columns: int, padding: int = 2):
+    """Each cell of a ``viz.image_grid`` PNG (right of its label column) is its image in
+    uint8, upscaled by the grid's integer factor (off by at most 1 for float rounding
+    across programs), and the padding between cells is black."""
+    from dfm_jax.utils import viz
+
+    cells = viz.upscale(viz.to_uint8(images))
+    count, height, width, channels = cells.shape
+    rows = -(-count // columns)
+    body_width = columns * (width + padding) + padding
+    assert grid.shape[0] == rows * (height + padding) + padding, (grid.shape, cells.shape)
+    body = grid.reshape(grid.shape[0], grid.shape[1], -1)[:, -body_width:]
+    mask = np.ones(body.shape[:2], bool)
+    for index, cell in enumerate(cells):
+        row, column = divmod(index, columns)
+        top, left = padding + row * (height + padding), padding + column * (width + padding)
+        got = body[top : top + height, left : left + width].astype(np.int32)
+        difference = np.abs(got - cell.reshape(height, width, channels).astype(np.int32))
+        assert difference.max() <= 1, f"cell {index}: max difference {difference.max()}"
+        mask[top : top + height, left : left + width] = False
+    assert not body[mask].any(), "the padding is not black"

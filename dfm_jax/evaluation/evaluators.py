@@ -117,6 +117,8 @@ class Evaluator:
       decode: model space -> pixels in [-1, 1], jit-compatible. Default: the decoder of
         ``config.autoencoder`` for latent configs (its weights are then required), the
         identity for pixel configs.
+      init: the imported checkpoint evaluated, as ``results.init_text`` writes it (the
+        ``init`` column; empty for the workdir's checkpoints).
     """
 
     def __init__(
@@ -130,9 +132,11 @@ class Evaluator:
         fd_fmnist=None,
         fd_fmnist_cache: str | None = None,
         decode=None,
+        init: str = "",
     ):
         run = setup.settings
         self.setup, self.settings, self.name = setup, settings, name
+        self.init = init  # the ``init`` column (``results.init_text``)
         self.metric_names = parse_metrics(settings.metrics)
         self.points = parse_sweep(settings.sweep, run.sampling, run.num_scales)
         self.seed = run.seed if settings.seed is None else settings.seed
@@ -185,6 +189,7 @@ class Evaluator:
         """The columns that, with a point's sampler columns, identify a result row."""
         return {
             "step": step,
+            "init": self.init,
             "num_samples": self.settings.num_samples,
             "seed": self.seed,
             "metrics": metrics_text(self.metric_names),

@@ -5,8 +5,10 @@ columns ``COLUMNS`` (metrics a run did not compute are empty); ``results.md`` is
 the same table in Markdown, regenerated from the CSV after every point. Both are
 written atomically (a temporary file, then a rename), so an interrupted run
 leaves complete files, and the next run skips the points whose ``KEY_COLUMNS``
-(checkpoint step, number of samples, seed, metric set and sampler settings)
-already have a row.
+(checkpoint step, imported checkpoint, number of samples, seed, metric set and
+sampler settings) already have a row. ``init`` is empty for the workdir's own checkpoints and
+``<path>:<key>`` for an imported one (``init_text``); a ``results.csv`` written before
+the column existed reads it as empty.
 
 Throughput columns: ``gen_images_per_s`` is samples per second of generation
 (sampling, decoding, uint8 quantisation), ``feature_images_per_s`` of feature
@@ -35,6 +37,7 @@ from dfm_jax.utils import files, viz
 
 KEY_COLUMNS = (
     "step",
+    "init",
     "num_samples",
     "seed",
     "metrics",
@@ -75,6 +78,11 @@ def format_value(column: str, value: Any) -> str:
     return str(value)
 
 
+def init_text(path: str | None, key: str) -> str:
+    """The ``init`` column: ``""`` for workdir checkpoints, ``<path>:<key>`` for imported ones."""
+    return f"{path}:{key}" if path else ""
+
+
 def row_key(row: Mapping[str, Any]) -> tuple[str, ...]:
     """The identity of a result row (what resuming compares)."""
     return tuple(format_value(c, row.get(c, "")) for c in KEY_COLUMNS)
@@ -107,11 +115,12 @@ def write_results(eval_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]]
 
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """A Markdown table of result rows: the sweep columns, then the filled metric columns."""
-    shown = ["step", "num_samples", "cfg", "tau", "steps", "solver", "interval", "nfe"]
+    shown = ["step", "init", "num_samples", "cfg", "tau", "steps", "solver", "interval", "nfe"]
     shown += [c for c in METRIC_COLUMNS if any(row.get(c, "") != "" for row in rows)]
     shown += list(THROUGHPUT_COLUMNS)
-    if not any(row.get("tau", "") for row in rows):
-        shown.remove("tau")
+    for optional in ("init", "tau"):  # shown when some row has one
+        if not any(row.get(optional, "") for row in rows):
+            shown.remove(optional)
     lines = [
         "| " + " | ".join(_HEADERS.get(c, c) for c in shown) + " |",
         "|" + "|".join("---" for _ in shown) + "|",

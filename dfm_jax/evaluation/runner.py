@@ -77,6 +77,23 @@ def restore_ema_params(setup: setup_lib.Setup, workdir: str, step: int) -> Any:
         checkpointer.close()
 
 
+def restore_newest_ema_params(setup: setup_lib.Setup, workdir: str, newest: int) -> tuple[Any, int]:
+    """The EMA parameters of the newest readable checkpoint up to ``newest``, and its step.
+
+    Unreadable checkpoints are logged and skipped (never renamed: evaluation only reads
+    the workdir, which may be training); ``checkpoint.NoReadableCheckpointError`` when
+    none can be read.
+    """
+    checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    try:
+        abstract = {"ema_params": setup.abstract_state.ema_params}
+        steps = [s for s in checkpointer.all_steps() if s <= newest]
+        fields, step = checkpointer.newest_readable(abstract, steps)
+        return fields["ema_params"], step
+    finally:
+        checkpointer.close()
+
+
 def init_step(path: str, step: int | None) -> int:
     """The step recorded for an imported checkpoint: ``step``, else the file's, else 0."""
     if not os.path.isfile(path):
@@ -180,6 +197,7 @@ def run_sweep(
     eval_dir = os.path.join(workdir, "eval")
     base = {
         "step": step,
+        "init": results.init_text(o.init, o.init_key),
         "num_samples": evaluator.num_samples,
         "seed": seed,
         "metrics": metrics_text(parse_metrics(evaluator.metrics)),
@@ -200,9 +218,15 @@ def run_sweep(
             fd_fmnist=o.fd_fmnist,
             fd_fmnist_cache=o.fd_fmnist_cache,
             decode=o.decode,
+            init=base["init"],
         )
         if o.init:
             params = import_params(setup, o.init, o.init_key)
+        elif o.step is None:  # the newest readable step (an explicit --step must read)
+            params, readable = restore_newest_ema_params(setup, workdir, step)
+            if readable != step:
+                step = base["step"] = readable
+                pending = _pending(points, base, rows)
         else:
             params = restore_ema_params(setup, workdir, step)
         _run_points(scorer, params, step, pending, rows, o)
