@@ -600,7 +600,7 @@ def _optional_type(hint: Any) -> type | None:
 
 
 def _render(section: Any) -> ml_collections.ConfigDict:
-    """A dataclass instance as a ConfigDict; None fields become typed placeholders."""
+    """A dataclass instance as a ConfigDict; None fields stay typed (unset but overridable)."""
     rendered = ml_collections.ConfigDict()
     hints = _hints(type(section))
     for field in dataclasses.fields(section):
@@ -769,7 +769,7 @@ def flow_matching_twin(config: ml_collections.ConfigDict) -> ml_collections.Conf
     backbone, batch and optimizer are unchanged), ``p_q = (1,)``, no stage embedding and
     the same total number of sampling steps.
     """
-    twin = copy.deepcopy(config)  # keeps the typed placeholders of unset fields
+    twin = copy.deepcopy(config)  # keeps the types of unset (None) fields
     twin.method = "flow_matching"
     twin.pyramid.ratios = ()
     twin.pyramid.stds = None

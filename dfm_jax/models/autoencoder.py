@@ -62,7 +62,7 @@ import functools
 import math
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -706,45 +706,48 @@ def decode_model_latents(
 _decode_jit = jax.jit(decode_model_latents, static_argnums=(0, 3, 4))
 
 
-def _resolve_overlap(tile: int, overlap: int | None) -> int:
-    return max(tile // 4, 0) if overlap is None else overlap
-
-
-@jax.tree_util.register_pytree_node_class
-class Codec:
+class BoundCodec:
     """An autoencoder bound to its parameters: jitted encode/decode in the model space.
 
-    A pytree (the parameters are its leaves; config and tiling are static), so a
-    ``Codec`` can be passed into ``jax.jit``-ed functions as an argument, where its
-    methods and :attr:`decode_fn` trace with the parameters as inputs. (Closing a
-    jitted function over a ``Codec`` instead embeds the parameters in the compiled
-    program as constants -- fine for "tiny", slow to compile for the 84M-parameter
-    real models.) Inputs may be batch-sharded; parameters are used as given
-    (typically replicated).
+    A pytree (the parameters are its leaves; config and tiling are static), so a codec
+    can be passed into ``jax.jit``-ed functions as an argument, where its methods and
+    :attr:`decode_fn` trace with the parameters as inputs. (Closing a jitted function
+    over a codec instead embeds the parameters in the compiled program as constants --
+    fine for "tiny", slow to compile for the 84M-parameter real models.) Inputs may be
+    batch-sharded; parameters are used as given (typically replicated).
+
+    The shared part of :class:`Codec` (images) and
+    :class:`dfm_jax.models.cogvideox.VideoCodec` (videos): subclasses set the module's
+    pure functions ``(config, params, ...)`` below and register as pytree nodes.
 
     Attributes:
-      config: the :class:`AutoencoderConfig`.
-      params: float32 parameters of ``AutoencoderKL(config)``.
-      decode_tile: decode in tiles of this many latent pixels (0: whole), see
+      config: the architecture.
+      params: float32 parameters of the autoencoder module.
+      decode_tile: decode in spatial tiles of this many latent pixels (0: whole), see
         :func:`decode_tiled`.
       decode_overlap: tile overlap in latent pixels (default ``decode_tile // 4``).
     """
 
-    def __init__(
-        self,
-        config: AutoencoderConfig,
-        params,
-        decode_tile: int = 0,
-        decode_overlap: int | None = None,
-    ):
+    #: ``(config, params, pixels) -> (mean, std)`` in raw latent space.
+    moments_function: ClassVar[Callable]
+    #: ``(config, params, pixels, key | None) -> model-space latents``.
+    encode_function: ClassVar[Callable]
+    #: ``(config, params, latents, tile=, overlap=) -> pixels``, traceable.
+    decode_function: ClassVar[Callable]
+    #: the same, jitted with config, tile and overlap static.
+    decode_jit: ClassVar[Callable]
+
+    def __init__(self, config, params, decode_tile: int = 0, decode_overlap: int | None = None):
         self.config = config
         self.params = params
         self.decode_tile = int(decode_tile)
-        self.decode_overlap = _resolve_overlap(self.decode_tile, decode_overlap)
+        self.decode_overlap = (
+            max(self.decode_tile // 4, 0) if decode_overlap is None else int(decode_overlap)
+        )
         if self.decode_tile > 0 and not 0 <= self.decode_overlap < self.decode_tile:
             raise ValueError(
-                f"Codec: need 0 <= decode_overlap < decode_tile, got {self.decode_overlap}, "
-                f"{self.decode_tile}"
+                f"{type(self).__name__}: need 0 <= decode_overlap < decode_tile, got "
+                f"{self.decode_overlap}, {self.decode_tile}"
             )
 
     def tree_flatten(self):
@@ -754,6 +757,64 @@ class Codec:
     def tree_unflatten(cls, aux, children):
         config, tile, overlap = aux
         return cls(config, children[0], tile, overlap)
+
+    def replicated(self, mesh: jax.sharding.Mesh):
+        """The same codec with its parameters replicated over ``mesh`` (every device)."""
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        params = jax.device_put(self.params, sharding)
+        return type(self)(self.config, params, self.decode_tile, self.decode_overlap)
+
+    @property
+    def downsample_factor(self) -> int:
+        """Pixels per latent pixel along each side."""
+        return self.config.downsample_factor
+
+    def encode_moments(self, pixels: Array) -> tuple[Array, Array]:
+        """Pixels (B, [T,] H, W, 3) in [-1, 1] -> (mean, std) latents, raw space."""
+        return type(self).moments_function(self.config, self.params, pixels)
+
+    def encode(self, pixels: Array, key: Array | None = None) -> Array:
+        """Pixels (B, [T,] H, W, 3) in [-1, 1] -> model-space latents, float32.
+
+        The posterior mean if ``key`` is None, else a posterior sample.
+        """
+        return type(self).encode_function(self.config, self.params, pixels, key)
+
+    def decode(self, latents: Array) -> Array:
+        """Model-space latents (B, [T',] h, w, C) -> pixels (B, [T,] h*f, w*f, 3) in [-1, 1]."""
+        decode = type(self).decode_jit
+        return decode(self.config, self.params, latents, self.decode_tile, self.decode_overlap)
+
+    def __call__(self, latents: Array) -> Array:
+        """Traceable :meth:`decode`: use it inside a jitted function that takes the codec
+        as an argument (``jax.jit(lambda codec, z: codec(z))(codec, z)``)."""
+        return self.decode_fn(latents)
+
+    @property
+    def decode_fn(self) -> Callable[[Array], Array]:
+        """A pure function model-space latents -> clipped pixels, closing over the params.
+
+        Traceable inside callers' ``jax.jit`` (see the class docstring about passing
+        the codec as an argument rather than closing over it).
+        """
+        return functools.partial(
+            type(self).decode_function,
+            self.config,
+            self.params,
+            tile=self.decode_tile,
+            overlap=self.decode_overlap,
+        )
+
+
+@jax.tree_util.register_pytree_node_class
+class Codec(BoundCodec):
+    """An image autoencoder (:class:`AutoencoderConfig`) bound to its parameters (see
+    :class:`BoundCodec`): pixels (B, H, W, 3) <-> model-space latents (B, H/f, W/f, C)."""
+
+    moments_function = staticmethod(_encode_moments)
+    encode_function = staticmethod(_encode)
+    decode_function = staticmethod(decode_model_latents)
+    decode_jit = _decode_jit
 
     @classmethod
     def load(
@@ -804,56 +865,10 @@ class Codec:
             params = load_autoencoder_params(weights, config)
         return cls(config, jax.device_put(params), decode_tile)
 
-    def replicated(self, mesh: jax.sharding.Mesh) -> Codec:
-        """The same codec with its parameters replicated over ``mesh`` (every device)."""
-        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        params = jax.device_put(self.params, sharding)
-        return Codec(self.config, params, self.decode_tile, self.decode_overlap)
-
-    @property
-    def downsample_factor(self) -> int:
-        """Pixels per latent pixel along each side."""
-        return self.config.downsample_factor
-
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """(h, w, C) of the latent of an ``height x width`` image."""
         f = self.config.downsample_factor
         return height // f, width // f, self.config.latent_channels
-
-    def encode_moments(self, pixels: Array) -> tuple[Array, Array]:
-        """Pixels (B, H, W, 3) in [-1, 1] -> (mean, std), each (B, H/f, W/f, C), raw space."""
-        return _encode_moments(self.config, self.params, pixels)
-
-    def encode(self, pixels: Array, key: Array | None = None) -> Array:
-        """Pixels (B, H, W, 3) in [-1, 1] -> model-space latent (B, H/f, W/f, C), float32.
-
-        The posterior mean if ``key`` is None, else a posterior sample.
-        """
-        return _encode(self.config, self.params, pixels, key)
-
-    def decode(self, latents: Array) -> Array:
-        """Model-space latents (B, h, w, C) -> pixels (B, h*f, w*f, 3) in [-1, 1], float32."""
-        return _decode_jit(self.config, self.params, latents, self.decode_tile, self.decode_overlap)
-
-    def __call__(self, latents: Array) -> Array:
-        """Traceable :meth:`decode`: use it inside a jitted function that takes the Codec
-        as an argument (``jax.jit(lambda codec, z: codec(z))(codec, z)``)."""
-        return self.decode_fn(latents)
-
-    @property
-    def decode_fn(self) -> Callable[[Array], Array]:
-        """A pure function model-space latents -> clipped pixels, closing over the params.
-
-        Traceable inside callers' ``jax.jit`` (see the class docstring about
-        passing the ``Codec`` as an argument rather than closing over it).
-        """
-        return functools.partial(
-            decode_model_latents,
-            self.config,
-            self.params,
-            tile=self.decode_tile,
-            overlap=self.decode_overlap,
-        )
 
     def __repr__(self) -> str:
         return (

@@ -76,6 +76,7 @@ import numpy as np
 
 from dfm_jax.models.autoencoder import (
     LOGVAR_RANGE,
+    BoundCodec,
     GroupNorm,
     decode_tiled,
     from_model_space,
@@ -660,44 +661,15 @@ _decode_jit = jax.jit(decode_model_latents, static_argnums=(0, 3, 4))
 
 
 @jax.tree_util.register_pytree_node_class
-class VideoCodec:
-    """A video autoencoder bound to its parameters: jitted encode/decode in model space.
+class VideoCodec(BoundCodec):
+    """A video autoencoder bound to its parameters (see
+    :class:`dfm_jax.models.autoencoder.BoundCodec`, shared with the image ``Codec``):
+    pixels (B, T, H, W, 3) <-> model-space latents (B, T', H/f, W/f, C)."""
 
-    The video counterpart of :class:`dfm_jax.models.autoencoder.Codec` (same methods;
-    a pytree whose leaves are the parameters, so it can be a ``jax.jit`` argument).
-
-    Attributes:
-      config: the :class:`CogVideoXConfig`.
-      params: float32 parameters of ``CogVideoXAutoencoder(config)``.
-      decode_tile: decode in spatial tiles of this many latent pixels (0: whole).
-      decode_overlap: tile overlap in latent pixels (default ``decode_tile // 4``).
-    """
-
-    def __init__(
-        self,
-        config: CogVideoXConfig,
-        params,
-        decode_tile: int = 0,
-        decode_overlap: int | None = None,
-    ):
-        self.config = config
-        self.params = params
-        self.decode_tile = int(decode_tile)
-        self.decode_overlap = (
-            max(self.decode_tile // 4, 0) if decode_overlap is None else int(decode_overlap)
-        )
-        if self.decode_tile > 0 and not 0 <= self.decode_overlap < self.decode_tile:
-            raise ValueError(
-                f"VideoCodec: need 0 <= decode_overlap < decode_tile, got {self.decode_overlap}, "
-                f"{self.decode_tile}"
-            )
-
-    def tree_flatten(self):
-        return (self.params,), (self.config, self.decode_tile, self.decode_overlap)
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        return cls(aux[0], children[0], aux[1], aux[2])
+    moments_function = staticmethod(_encode_moments)
+    encode_function = staticmethod(_encode)
+    decode_function = staticmethod(decode_model_latents)
+    decode_jit = _decode_jit
 
     @classmethod
     def load(
@@ -734,17 +706,6 @@ class VideoCodec:
             config, params = load_cogvideox(weights, name, dtype=dtype)
         return cls(config, jax.device_put(params), decode_tile)
 
-    def replicated(self, mesh: jax.sharding.Mesh) -> VideoCodec:
-        """The same codec with its parameters replicated over ``mesh`` (every device)."""
-        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        params = jax.device_put(self.params, sharding)
-        return VideoCodec(self.config, params, self.decode_tile, self.decode_overlap)
-
-    @property
-    def downsample_factor(self) -> int:
-        """Pixels per latent pixel along H and W."""
-        return self.config.downsample_factor
-
     @property
     def temporal_factor(self) -> int:
         """Frames per latent frame (after the first)."""
@@ -758,36 +719,6 @@ class VideoCodec:
             height // f,
             width // f,
             self.config.latent_channels,
-        )
-
-    def encode_moments(self, pixels: Array) -> tuple[Array, Array]:
-        """Pixels (B, T, H, W, 3) -> (mean, std), each (B, T', H/f, W/f, C), raw space."""
-        return _encode_moments(self.config, self.params, pixels)
-
-    def encode(self, pixels: Array, key: Array | None = None) -> Array:
-        """Pixels (B, T, H, W, 3) in [-1, 1] -> model-space latent (B, T', H/f, W/f, C).
-
-        The posterior mean if ``key`` is None, else a posterior sample.
-        """
-        return _encode(self.config, self.params, pixels, key)
-
-    def decode(self, latents: Array) -> Array:
-        """Model-space latents (B, T', h, w, C) -> pixels (B, T, h*f, w*f, 3) in [-1, 1]."""
-        return _decode_jit(self.config, self.params, latents, self.decode_tile, self.decode_overlap)
-
-    def __call__(self, latents: Array) -> Array:
-        """Traceable :meth:`decode`, for use inside a jitted function taking the codec."""
-        return self.decode_fn(latents)
-
-    @property
-    def decode_fn(self) -> Callable[[Array], Array]:
-        """A pure function model-space latents -> clipped pixels, closing over the params."""
-        return functools.partial(
-            decode_model_latents,
-            self.config,
-            self.params,
-            tile=self.decode_tile,
-            overlap=self.decode_overlap,
         )
 
     def __repr__(self) -> str:
