@@ -10,8 +10,10 @@ source (same key, so the trainer does not care which).
 
 Modules: `common` (base class, errors, image helpers), `idx` (IDX files), `fashion_mnist`,
 `synthetic`, `image_folder`, `tfds_source`, `record_format` + `latents` (ArrayRecord latent
-datasets: writer, metadata, reader), `pipeline` (Grain dataset pipeline), `factory`
-(`make_source` from a config).
+datasets: writer, metadata, reader), `video` (PyAV decoding and clip sampling) +
+`video_folder` (`VideoFolderSource`: root/<class>/<video>.mp4; `KineticsSource`:
+Kinetics-700-2020 clips + annotation CSVs; clips decoded by the `DecodeClip` operation),
+`pipeline` (Grain dataset pipeline), `factory` (`make_source` from a config).
 """
 
 from dfm_jax.data.common import IMAGE_KEY, LABEL_KEY, DataNotFoundError, Source
@@ -34,6 +36,18 @@ from dfm_jax.data.pipeline import local_batch_size, make_dataset, make_train_ite
 from dfm_jax.data.record_format import RecordFormatError
 from dfm_jax.data.synthetic import SyntheticSource
 from dfm_jax.data.tfds_source import TfdsSource
+from dfm_jax.data.video import (
+    VideoReadError,
+    VideoTooShortError,
+    VideoTruncatedError,
+    measure_decoding,
+)
+from dfm_jax.data.video_folder import (
+    DecodeClip,
+    KineticsSource,
+    TooManyBadVideosError,
+    VideoFolderSource,
+)
 
 __all__ = [
     "IMAGE_KEY",
@@ -42,9 +56,11 @@ __all__ = [
     "ArrayRecordLatentSource",
     "DataNotFoundError",
     "DataSpec",
+    "DecodeClip",
     "FashionMnistSource",
     "IdxFormatError",
     "ImageFolderSource",
+    "KineticsSource",
     "LatentMetadata",
     "MovingFashionMnistSource",
     "RecordFormatError",
@@ -52,11 +68,17 @@ __all__ = [
     "Source",
     "SyntheticSource",
     "TfdsSource",
+    "TooManyBadVideosError",
+    "VideoFolderSource",
+    "VideoReadError",
+    "VideoTooShortError",
+    "VideoTruncatedError",
     "data_spec",
     "local_batch_size",
     "make_dataset",
     "make_source",
     "make_train_iterator",
+    "measure_decoding",
     "read_idx",
     "read_metadata",
     "shard_filename",

@@ -4,7 +4,8 @@
 config, where every field is declared with its default and documentation): `source`
 picks the builder below, and each builder reads the fields it needs (`dir`, `split`,
 `resolution`, `channels`, `num_classes`, `frames`, `num_examples`, `tfds_name`,
-`image_key`, `label_key`, `download`, `latent_sample`, `validate_files`). Fields left
+`image_key`, `label_key`, `download`, `latent_sample`, `validate_files`; the video sources
+`frame_stride`, `fps`, `clip`, `random_flip`, `max_bad_fraction`). Fields left
 None take the source's own value (its native resolution and channels, its class count).
 """
 
@@ -22,6 +23,7 @@ from dfm_jax.data.latents import METADATA_FILENAME, ArrayRecordLatentSource
 from dfm_jax.data.moving_fashion_mnist import MovingFashionMnistSource
 from dfm_jax.data.synthetic import SyntheticSource
 from dfm_jax.data.tfds_source import TfdsSource
+from dfm_jax.data.video_folder import KineticsSource, VideoFolderSource, resolve_clip
 
 
 def _fashion_mnist(settings: Any) -> common.Source:
@@ -109,6 +111,50 @@ def _array_record(settings: Any) -> common.Source:
     )
 
 
+def _video_options(settings: Any, name: str) -> dict[str, Any]:
+    """The clip options of the video sources, checked: frames, resolution, 3 channels."""
+    if settings.frames < 1 or not settings.resolution:
+        raise ValueError(
+            f"data.source={name!r} needs --config.data.frames >= 1 (frames per clip) and "
+            f"--config.data.resolution, got frames={settings.frames}, "
+            f"resolution={settings.resolution}"
+        )
+    if settings.channels not in (None, 3):
+        raise ValueError(f"{name} videos are RGB: data.channels must be 3, got {settings.channels}")
+    clip = resolve_clip(settings.clip, settings.split)
+    return dict(
+        frames=settings.frames,
+        resolution=settings.resolution,
+        frame_stride=settings.frame_stride,
+        fps=settings.fps,
+        clip=clip,
+        random_flip=settings.random_flip,
+        max_bad_fraction=settings.max_bad_fraction,
+    )
+
+
+def _video_folder(settings: Any) -> common.Source:
+    if not settings.dir:
+        raise common.DataNotFoundError(
+            "data.source='video_folder' needs --config.data.dir: a directory with one "
+            "subfolder of videos (.mp4, .avi, .mkv, .webm, .mov) per class"
+        )
+    options = _video_options(settings, "video_folder")
+    split_dir = os.path.join(settings.dir, settings.split)
+    return VideoFolderSource(split_dir if os.path.isdir(split_dir) else settings.dir, **options)
+
+
+def _kinetics(settings: Any) -> common.Source:
+    options = _video_options(settings, "kinetics")
+    if not settings.dir:
+        raise common.DataNotFoundError(
+            "data.source='kinetics' needs --config.data.dir=<root>: the Kinetics-700-2020 "
+            "videos under <root>/train/<class>/... and <root>/train.csv or "
+            "<root>/annotations/train.csv (e.g. from the cvdfoundation/kinetics-dataset scripts)"
+        )
+    return KineticsSource(settings.dir, settings.split, **options)
+
+
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
     """What a model needs to know about the data, taken from the config, without reading it.
@@ -146,6 +192,8 @@ SOURCES: Mapping[str, Callable[[Any], common.Source]] = {
     "image_folder": _image_folder,
     "tfds": _tfds,
     "array_record": _array_record,
+    "video_folder": _video_folder,
+    "kinetics": _kinetics,
 }
 
 
