@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 
 from dfm_jax import parallel
-from dfm_jax.models import dit
+from dfm_jax.models import dit, layers
 from dfm_jax.models.dit import DiT, DiTConfig, count_params, dit_config, forward_flops
 
 C = 3  # channels of the toy scales
@@ -464,3 +464,37 @@ def test_stage_embedding_row_is_the_number_of_active_scales_minus_one():
     row1_changed = with_rows(a, other)
     assert changed(row0_changed, 0) > 1e-3 and changed(row1_changed, 0) == 0.0  # stage 1
     assert changed(row1_changed, 1) > 1e-3 and changed(row0_changed, 1) == 0.0  # stage 2
+
+
+# ----------------------------------------------------------------------------
+# Temporal patches (scales of a temporal pyramid have fewer frames)
+# ----------------------------------------------------------------------------
+
+
+def test_temporal_patches_cut_contiguous_3d_blocks_and_give_equal_grids():
+    """Scale (T_s, H_s, W_s) with patches (pt, p, p): grid (T_s/pt, H_s/p, W_s/p); every
+    token holds exactly one contiguous pt x p x p block, and the heads invert it."""
+    cfg = tiny(temporal_patch_sizes=(1, 2))
+    assert dit.token_grid(cfg, [(2, 4, 4, C), (4, 8, 8, C)]) == (2, 4, 4)
+    x = np.arange(1 * 4 * 4 * 6 * C, dtype=np.float32).reshape(1, 4, 4, 6, C)
+    tokens = np.asarray(layers.patchify(dit._fold_time(jnp.asarray(x), 2), 2))
+    assert tokens.shape == (1, 2 * 2 * 3, 2 * 2 * 2 * C)
+    blocks = x.reshape(1, 2, 2, 2, 2, 3, 2, C).transpose(0, 1, 3, 5, 2, 4, 6, 7)
+    np.testing.assert_array_equal(
+        np.sort(tokens, axis=-1), np.sort(blocks.reshape(1, 12, -1), axis=-1)
+    )
+    np.testing.assert_array_equal(dit._unfold_time(dit._fold_time(jnp.asarray(x), 2), 2), x)
+    inputs = (
+        (np.ones((2, 2, 4, 4, C), np.float32), np.ones((2, 4, 8, 8, C), np.float32)),
+        *make_inputs(cfg, (4, 8))[1:],
+    )
+    out = apply_fn(cfg)(random_params(cfg, inputs), *inputs)
+    assert [o.shape for o in out] == [(2, 2, 4, 4, C), (2, 4, 8, 8, C)]
+    with pytest.raises(ValueError, match="temporal patch size 2"):
+        dit.token_grid(cfg, [(2, 4, 4, C), (3, 8, 8, C)])
+    with pytest.raises(ValueError, match="temporal patch size 2"):
+        dit.token_grid(cfg, [(4, 4, C), (8, 8, C)])
+    with pytest.raises(ValueError, match="different token grids"):
+        dit.token_grid(cfg, [(4, 4, 4, C), (4, 8, 8, C)])
+    with pytest.raises(ValueError, match="temporal_patch_sizes"):
+        tiny(temporal_patch_sizes=(1,))

@@ -1,15 +1,30 @@
 """Decompositions: exact inverse, torch parity of the resize, previews, errors."""
 
 import itertools
+import types
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import train_utils
 
-from dfm_jax.method.pyramid import HaarDWT, Laplacian, Standardized, resize_bilinear
+from dfm_jax import config as config_lib
+from dfm_jax.method import sampling
+from dfm_jax.method.pyramid import (
+    HaarDWT,
+    Laplacian,
+    Standardized,
+    make,
+    metadata_name,
+    resize_bilinear,
+    resize_trilinear,
+)
+from dfm_jax.preparation import stats
+from dfm_jax.training import setup as setup_lib
 
 PYRAMIDS = {
     "laplacian_x2": Laplacian((2,)),
@@ -184,3 +199,145 @@ def test_haar_level_2_and_standardized_scales_are_block_means():
     ]
     for got, want, std in zip(scales, laplacian, stds, strict=True):
         np.testing.assert_allclose(np.asarray(got) * std, want, atol=1e-5)
+
+
+# ------------------------------------------------------------------ temporal (3-D) pyramid
+
+
+def _torch_resize3d(x, size):
+    """Reference: torch trilinear, half-pixel centres, (B, T, H, W, C) in and out."""
+    x = torch.from_numpy(np.array(x)).permute(0, 4, 1, 2, 3)
+    y = F.interpolate(x, size=size, mode="trilinear", align_corners=False)
+    return y.permute(0, 2, 3, 4, 1).numpy()
+
+
+def _torch_laplacian3d(x, ratios):
+    """Reference 3-D decomposition with torch resizes: every ratio scales T, H and W."""
+    lowpass = [np.asarray(x)]
+    for ratio in reversed(ratios):
+        t, h, w = lowpass[0].shape[1:4]
+        lowpass.insert(0, _torch_resize3d(lowpass[0], (t // ratio, h // ratio, w // ratio)))
+    return [lowpass[0]] + [
+        fine - _torch_resize3d(coarse, fine.shape[1:4])
+        for coarse, fine in itertools.pairwise(lowpass)
+    ]
+
+
+@pytest.mark.parametrize("factor", [2, 4])
+@pytest.mark.parametrize("direction", ["down", "up"])
+def test_resize_matches_torch_trilinear(factor, direction):
+    x = _random((2, 8, 16, 12, 3), seed=7)
+    if direction == "down":
+        size = (8 // factor, 16 // factor, 12 // factor)
+    else:
+        size = (8 * factor, 16 * factor, 12 * factor)
+    np.testing.assert_allclose(resize_trilinear(x, *size), _torch_resize3d(x, size), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "ratios, shapes",
+    [
+        ((2,), [(2, 4, 4, 6, 3), (2, 8, 8, 12, 3)]),
+        ((2, 2), [(2, 2, 2, 3, 3), (2, 4, 4, 6, 3), (2, 8, 8, 12, 3)]),
+    ],
+)
+def test_temporal_laplacian_halves_time_and_inverts(ratios, shapes):
+    x = _random((2, 8, 8, 12, 3), seed=8)
+    pyramid = Laplacian(ratios, temporal=True)
+    assert pyramid.scale_shapes(x.shape) == shapes
+    scales = pyramid.decompose(x)
+    assert [s.shape for s in scales] == shapes
+    for ours, reference in zip(scales, _torch_laplacian3d(x, ratios), strict=True):
+        np.testing.assert_allclose(ours, reference, atol=1e-5)
+    np.testing.assert_allclose(pyramid.recompose(scales), x, atol=1e-5)
+    # Preview k is the input trilinearly downsampled to scale k.
+    k = len(ratios)
+    np.testing.assert_allclose(
+        pyramid.preview(scales, k), _torch_resize3d(x, shapes[k - 1][1:4]), atol=1e-5
+    )
+    standardized = Standardized(pyramid, (0.5,) * len(shapes))
+    assert standardized.temporal and standardized.scale_shapes(x.shape) == shapes
+    np.testing.assert_allclose(
+        jax.jit(lambda v: standardized.recompose(standardized.decompose(v)))(x), x, atol=1e-5
+    )
+
+
+def test_spatial_pyramid_keeps_every_frame():
+    """temporal=False (the default): a video is decomposed frame by frame."""
+    x = _random((2, 3, 8, 8, 2), seed=9)
+    pyramid = Laplacian((2,))
+    scales = pyramid.decompose(x)
+    assert [s.shape for s in scales] == [(2, 3, 4, 4, 2), (2, 3, 8, 8, 2)]
+    for frame in range(3):
+        for ours, reference in zip(scales, _torch_laplacian(x[:, frame], (2,)), strict=True):
+            np.testing.assert_allclose(ours[:, frame], reference, atol=1e-5)
+
+
+def test_temporal_pyramid_errors_and_names():
+    pyramid = Laplacian((2,), temporal=True)
+    with pytest.raises(ValueError, match=r"3 frames \(data.frames"):
+        pyramid.decompose(jnp.zeros((1, 3, 8, 8, 1)))
+    with pytest.raises(ValueError, match="videos"):
+        pyramid.decompose(jnp.zeros((1, 8, 8, 1)))
+    with pytest.raises(ValueError, match="videos"):
+        pyramid.recompose([jnp.zeros((1, 4, 4, 1)), jnp.zeros((1, 8, 8, 1))])
+    with pytest.raises(ValueError, match="scale 2 has shape"):  # time not x2
+        pyramid.recompose([jnp.zeros((1, 2, 4, 4, 1)), jnp.zeros((1, 2, 8, 8, 1))])
+    with pytest.raises(ValueError, match="only the Laplacian"):
+        make("haar", (2,), temporal=True)
+    assert make("laplacian", (2, 2), temporal=True) == Laplacian((2, 2), temporal=True)
+    assert metadata_name("laplacian", (2,), temporal=True) == "laplacian_2_t"
+    assert metadata_name("laplacian", (2,)) == "laplacian_2"
+    assert stats.pyramid_from_name("laplacian_2x2_t") == Laplacian((2, 2), temporal=True)
+    with pytest.raises(ValueError, match="did you mean"):
+        stats.pyramid_from_name("haar_2_t")
+
+
+def test_config_refuses_temporal_without_a_video_laplacian():
+    with pytest.raises(config_lib.ConfigError, match=r"temporal.*laplacian"):
+        train_utils.tiny_settings(
+            {"data.frames": 4, "pyramid.kind": "haar", "pyramid.temporal": True}
+        )
+    with pytest.raises(config_lib.ConfigError, match=r"pyramid\.temporal.*images"):
+        train_utils.tiny_settings({"pyramid.temporal": True})
+    with pytest.raises(config_lib.ConfigError, match=r"data\.frames: 6 frames"):
+        train_utils.tiny_settings(
+            {
+                "data.frames": 6,
+                "pyramid.ratios": (2, 2),
+                "pyramid.temporal": True,
+                "model.patch_sizes": (1, 2, 4),
+                "model.width": 48,
+                "objective.stage_probs": (0.3, 0.3, 0.4),
+                "sampling.steps_per_stage": (1, 1, 1),
+                "sampling.thresholds": (0.9, 0.9),
+            }
+        )
+    settings = train_utils.tiny_settings({"data.frames": 4, "pyramid.temporal": True})
+    assert settings.pyramid.name == "laplacian_2_t"
+    assert settings.pyramid.temporal_patch_sizes == (1, 2)
+
+
+def test_tiny_temporal_video_dfm_computes_a_loss_and_samples():
+    """DFM on (4, 8, 8, 1) clips whose coarse scale has 2 frames: 3-D patches (1, 2)."""
+    settings = train_utils.tiny_settings(
+        {"data.frames": 4, "pyramid.temporal": True, "pyramid.stds": (0.5, 0.25)}
+    )
+    source = types.SimpleNamespace(
+        example_shape=(4, 8, 8, 1), num_classes=4, scale_stds=lambda name: None
+    )
+    method = setup_lib.build_method(settings, source)
+    assert method.scale_shapes == [(2, 4, 4, 1), (4, 8, 8, 1)]
+    assert method.model.config.temporal_patch_sizes == (1, 2)
+    params = jax.tree.map(
+        lambda a: 0.1 * jax.random.normal(jax.random.key(1), a.shape, a.dtype),
+        nn.unbox(method.init(jax.random.key(0))),
+    )
+    videos = _random((2, 4, 8, 8, 1), seed=10)
+    labels = jnp.asarray([0, 3], jnp.int32)
+    loss, metrics = jax.jit(method.loss)(params, videos, labels, jax.random.key(2))
+    assert np.isfinite(loss) and float(loss) > 0 and "loss_scale2" in metrics
+    sampler = sampling.SamplerSettings(steps_per_stage=(1, 1), thresholds=(0.9,))
+    clips, previews = method.generate(params, jax.random.key(3), labels, sampler, previews=True)
+    assert clips.shape == (2, 4, 8, 8, 1) and np.isfinite(clips).all()
+    assert [p.shape for p in previews] == [(2, 2, 4, 4, 1), (2, 4, 8, 8, 1)]

@@ -27,9 +27,16 @@ Two families share this interface:
   unchanged.
 
 Arrays are channel-last: images ``(B, H, W, C)``, videos ``(B, T, H, W, C)``.
-Videos are decomposed spatially, each frame independently. All operations are
-pure ``jnp`` and jit-able; shape checks raise ``ValueError`` at trace time from
-static shapes, before any computation is staged.
+Videos are decomposed spatially, each frame independently, unless
+``Laplacian(ratios, temporal=True)``: then every ratio-r step also resizes time by r
+with the same linear kernel (trilinear, half-pixel centres, no antialias: torch
+``F.interpolate(mode="trilinear", align_corners=False)``), as the authors'
+``LaplacianDecomposer3D`` does with x2 per level, and scale s of a ``(B, T, H, W, C)``
+clip has ``T_s = T / prod(ratios[s:])`` frames. T must then be divisible by the
+product of the ratios (odd T, e.g. the 1 + k latent frames of a causal video
+autoencoder, is refused, as in the authors' code; crop or pad the clip). All
+operations are pure ``jnp`` and jit-able; shape checks raise ``ValueError`` at trace
+time from static shapes, before any computation is staged.
 
 ``Standardized(pyramid, stds)`` wraps any decomposition and divides scale s by
 its data standard deviation ``sigma_s`` (spec section 1, "per-scale
@@ -92,6 +99,42 @@ def resize_bilinear(x: Array, height: int, width: int) -> Array:
     return jax.image.resize(
         x, _with_spatial(x.shape, height, width), method="bilinear", antialias=False
     )
+
+
+def resize_trilinear(x: Array, frames: int, height: int, width: int) -> Array:
+    """Trilinear resize of the time and spatial axes, half-pixel centres, no antialiasing.
+
+    Matches torch ``F.interpolate(mode="trilinear", align_corners=False)`` (whose
+    trilinear mode never antialiases) for integer up- and downsampling ratios.
+
+    Args:
+      x: ``(B, T, H, W, C)``.
+      frames, height, width: output size.
+
+    Returns:
+      ``(B, frames, height, width, C)`` in the dtype of ``x``.
+    """
+    t, h, w = x.shape[-4:-1]
+    if (t, h, w) == (frames, height, width):
+        return x
+    if (t, h, w) == (2 * frames, 2 * height, 2 * width):
+        # Exact and cheaper: a x2 trilinear downsample is the mean of each 2x2x2 block.
+        return _block_mean(_time_pair_mean(x), 2)
+    shape = (*x.shape[:-4], frames, height, width, x.shape[-1])
+    return jax.image.resize(x, shape, method="linear", antialias=False)
+
+
+def _time_pair_mean(x: Array) -> Array:
+    """Average over consecutive frame pairs of ``(B, T, H, W, C)``."""
+    t = x.shape[-4]
+    return x.reshape(*x.shape[:-4], t // 2, 2, *x.shape[-3:]).mean(axis=-4)
+
+
+def _require_video(shape: Sequence[int]) -> None:
+    if len(shape) != 5:
+        raise ValueError(
+            f"a temporal pyramid decomposes videos (B, T, H, W, C), got shape {tuple(shape)}"
+        )
 
 
 def _block_mean(x: Array, factor: int) -> Array:
@@ -158,21 +201,25 @@ class Pyramid(abc.ABC):
         return sizes
 
     def scale_shapes(self, shape: Sequence[int]) -> list[tuple[int, ...]]:
-        """Full shape of every scale for an input of ``shape``, coarsest first."""
+        """Full shape of every scale for an input of ``shape``, coarsest first.
+
+        ``(B, H, W, C)`` -> ``(B, H_s, W_s, C)``; ``(B, T, H, W, C)`` -> ``(B, T_s, H_s,
+        W_s, C)`` with ``T_s = T`` unless the pyramid is temporal.
+        """
         return [_with_spatial(shape, h, w) for h, w in self.scale_sizes(shape[-3], shape[-2])]
 
     def decompose(self, x: Array) -> list[Array]:
         """Splits ``x`` into S scales, coarsest first.
 
         Args:
-          x: ``(B, H, W, C)`` or ``(B, T, H, W, C)``; H and W divisible by the
-            product of the ratios.
+          x: ``(B, H, W, C)`` or ``(B, T, H, W, C)``; H and W (and T for a temporal
+            pyramid) divisible by the product of the ratios.
 
         Returns:
-          A list of S arrays; scale s has spatial size ``scale_sizes(H, W)[s]``.
+          A list of S arrays; scale s has shape ``scale_shapes(x.shape)[s]``.
         """
         _check_rank(x)
-        self.scale_sizes(*_spatial_shape(x))  # validates divisibility
+        self.scale_shapes(x.shape)  # validates rank and divisibility
         lowpass = [x]
         for ratio in reversed(self.ratios):
             lowpass.insert(0, self._down(lowpass[0], ratio))
@@ -202,13 +249,15 @@ class Pyramid(abc.ABC):
             raise ValueError(f"expected {self.num_scales} scales, got {len(scales)}")
         return self.preview(scales, self.num_scales)
 
+    def _finer_shape(self, shape: Sequence[int], ratio: int) -> tuple[int, ...]:
+        """Shape of the next finer scale (ratio ``ratio``) after a scale of ``shape``."""
+        return _with_spatial(shape, shape[-3] * ratio, shape[-2] * ratio)
+
     def _check_scale_shapes(self, scales: Sequence[Array]) -> None:
         for s, (coarse, fine) in enumerate(itertools.pairwise(scales)):
             _check_rank(fine)
             ratio = self.ratios[s]
-            expected = _with_spatial(
-                coarse.shape, coarse.shape[-3] * ratio, coarse.shape[-2] * ratio
-            )
+            expected = self._finer_shape(coarse.shape, ratio)
             if tuple(fine.shape) != expected:
                 raise ValueError(
                     f"scale {s + 2} has shape {tuple(fine.shape)} but scale {s + 1} of shape "
@@ -225,17 +274,48 @@ class Laplacian(Pyramid):
     """
 
     ratios: tuple[int, ...] = (2,)
+    temporal: bool = False  # resize time too (videos only): the authors' 3-D decomposer
 
     def __post_init__(self):
         object.__setattr__(self, "ratios", tuple(self.ratios))
         self._validate_ratios()
 
+    def scale_shapes(self, shape: Sequence[int]) -> list[tuple[int, ...]]:
+        shapes = super().scale_shapes(shape)
+        if not self.temporal or not self.ratios:
+            return shapes
+        _require_video(shape)
+        frames, total = shape[1], self.total_ratio
+        if frames % total:
+            raise ValueError(
+                f"{frames} frames (data.frames, or the latent frames of a video autoencoder) "
+                f"are not divisible by {total}, the product of the temporal pyramid ratios "
+                f"{self.ratios}; use a multiple of {total} frames or pyramid.temporal=False"
+            )
+        out = []
+        for s, scale_shape in enumerate(shapes):
+            scale_shape = list(scale_shape)
+            scale_shape[1] = frames // math.prod(self.ratios[s:])
+            out.append(tuple(scale_shape))
+        return out
+
+    def _finer_shape(self, shape: Sequence[int], ratio: int) -> tuple[int, ...]:
+        finer = list(super()._finer_shape(shape, ratio))
+        if self.temporal:
+            _require_video(shape)
+            finer[1] *= ratio
+        return tuple(finer)
+
     def _down(self, x: Array, factor: int) -> Array:
         h, w = _spatial_shape(x)
+        if self.temporal:
+            return resize_trilinear(x, x.shape[1] // factor, h // factor, w // factor)
         return resize_bilinear(x, h // factor, w // factor)
 
     def _up(self, x: Array, factor: int) -> Array:
         h, w = _spatial_shape(x)
+        if self.temporal:
+            return resize_trilinear(x, x.shape[1] * factor, h * factor, w * factor)
         return resize_bilinear(x, h * factor, w * factor)
 
 
@@ -296,6 +376,10 @@ class Standardized:
     def ratios(self) -> tuple[int, ...]:
         return self.pyramid.ratios
 
+    @property
+    def temporal(self) -> bool:
+        return getattr(self.pyramid, "temporal", False)
+
     def scale_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
         return self.pyramid.scale_sizes(height, width)
 
@@ -327,25 +411,38 @@ Decomposition = Pyramid | Standardized
 KINDS = ("laplacian", "haar")
 
 
-def make(kind: str, ratios: Sequence[int], stds: Sequence[float] | None = None) -> Decomposition:
+def make(
+    kind: str,
+    ratios: Sequence[int],
+    stds: Sequence[float] | None = None,
+    temporal: bool = False,
+) -> Decomposition:
     """The decomposition ``kind`` with coarse-to-fine ``ratios``, standardised by ``stds``.
 
-    ``"laplacian"``: ``Laplacian(ratios)``; ``"haar"``: ``HaarDWT(len(ratios))`` (x2
-    levels only); no ratios is the one-scale identity (Flow Matching). ``stds``, one
-    per scale, wrap it in ``Standardized``.
+    ``"laplacian"``: ``Laplacian(ratios, temporal)``; ``"haar"``: ``HaarDWT(len(ratios))``
+    (x2 levels only, spatial only); no ratios is the one-scale identity (Flow
+    Matching). ``stds``, one per scale, wrap it in ``Standardized``.
     """
     ratios = tuple(int(r) for r in ratios)
     if kind not in KINDS:
         raise ValueError(f"unknown decomposition {kind!r}; expected one of {KINDS}")
+    if temporal and kind != "laplacian":
+        raise ValueError(f"only the Laplacian pyramid can be temporal, got kind {kind!r}")
     if kind == "haar" and ratios:
         if any(r != 2 for r in ratios):
             raise ValueError(f"the Haar pyramid has x2 levels only, got ratios {ratios}")
         decomposition = HaarDWT(len(ratios))
     else:
-        decomposition = Laplacian(ratios)
+        decomposition = Laplacian(ratios, temporal=temporal)
     return decomposition if stds is None else Standardized(decomposition, tuple(stds))
 
 
-def metadata_name(kind: str, ratios: Sequence[int]) -> str:
-    """The key of a decomposition's per-scale stds in dataset metadata, e.g. "laplacian_2x2"."""
-    return f"{kind}_{'x'.join(str(int(r)) for r in ratios) or '1'}"
+#: Suffix of the metadata name of a temporal pyramid.
+TEMPORAL_SUFFIX = "_t"
+
+
+def metadata_name(kind: str, ratios: Sequence[int], temporal: bool = False) -> str:
+    """The key of a decomposition's per-scale stds in dataset metadata, e.g. "laplacian_2x2",
+    "laplacian_2x2_t" (temporal). A one-scale pyramid ("laplacian_1") is never temporal."""
+    name = f"{kind}_{'x'.join(str(int(r)) for r in ratios) or '1'}"
+    return name + TEMPORAL_SUFFIX if temporal and ratios else name

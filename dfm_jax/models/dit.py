@@ -9,7 +9,8 @@ Forward pass (``DiT.__call__(scales, t, mask, labels)``):
 1. Scale s input: zeroed where ``mask[:, s] == 0`` (a masked scale contributes no
    input and receives exactly zero gradient); optionally multiplied by the
    preconditioning ``c_in = 1/sqrt(t_s^2 sigma_s^2 + (1 - t_s)^2)``.
-2. Per-scale patch embedding (Dense over p_s x p_s x C patches); the S token
+2. Per-scale patch embedding (Dense over p_s x p_s x C patches, pt_s x p_s x p_s x C
+   with temporal patches); the S token
    sequences are SUMMED into one sequence; plus fixed sin-cos positions if
    ``positions == "sincos"``.
 3. Conditioning ``c = sum_s t_embedder_s(t[:, s]) + y_embedder(labels)
@@ -24,11 +25,14 @@ Forward pass (``DiT.__call__(scales, t, mask, labels)``):
    ``c_out = sqrt(sigma_s^2 + 1)``.
 
 Conventions: channel-last; images (B, H, W, C), videos (B, T, H, W, C) (2-D patches
-per frame, tokens frame-major); paper time t = 0 noise, t = 1 data, t shape (B, S);
-mask (B, S) bool or {0, 1} float, 1 = active; labels (B,) int32 in [0, num_classes]
-with ``num_classes`` the null class. Output: tuple of per-scale velocities, the
-shapes of the inputs, float32 whatever the compute dtype. The raw t in [0, 1] feeds
-the sinusoidal embedding (no x1000), as in the official code.
+per frame, tokens frame-major; with ``temporal_patch_sizes`` scale s of a temporal
+pyramid, T_s frames, is cut into pt_s x p_s x p_s patches so that every scale gives
+the same (T_s / pt_s, H_s / p_s, W_s / p_s) token grid); paper time t = 0 noise,
+t = 1 data, t shape (B, S); mask (B, S) bool or {0, 1} float, 1 = active; labels (B,)
+int32 in [0, num_classes] with ``num_classes`` the null class. Output: tuple of
+per-scale velocities, the shapes of the inputs, float32 whatever the compute dtype.
+The raw t in [0, 1] feeds the sinusoidal embedding (no x1000), as in the official
+code.
 
 Positions
 ---------
@@ -115,6 +119,9 @@ class DiTConfig:
         len(patch_sizes). Scale s of spatial size (H_s, W_s) gives a token grid
         (H_s/p_s, W_s/p_s) which must be the same for every scale. A single entry is
         the plain (Flow Matching) DiT.
+      temporal_patch_sizes: frames per patch pt_s of every scale (videos of a
+        temporal pyramid, whose scale s has T_s frames: token grid (T_s/pt_s, H_s/p_s,
+        W_s/p_s)); None: 1 for every scale (2-D patches per frame).
       in_channels: channels C of every scale (output channels are the same).
       num_classes: number of classes; the label table has num_classes + 1 rows and
         id ``num_classes`` is the null (unconditional) class.
@@ -161,12 +168,15 @@ class DiTConfig:
     param_dtype: str = "float32"
     remat: bool = False
     remat_policy: str = "nothing_saveable"
+    temporal_patch_sizes: tuple[int, ...] | None = None
 
     def __post_init__(self):
         # Normalise containers (configs may hand over lists) and dtypes (names).
         if isinstance(self.patch_sizes, int):
             object.__setattr__(self, "patch_sizes", (self.patch_sizes,))
         object.__setattr__(self, "patch_sizes", tuple(self.patch_sizes))
+        if self.temporal_patch_sizes is not None:
+            object.__setattr__(self, "temporal_patch_sizes", tuple(self.temporal_patch_sizes))
         if self.scale_stds is not None:
             object.__setattr__(self, "scale_stds", tuple(float(v) for v in self.scale_stds))
         for field in ("dtype", "param_dtype"):
@@ -181,6 +191,11 @@ class DiTConfig:
     def num_scales(self) -> int:
         """S, the number of scales."""
         return len(self.patch_sizes)
+
+    @property
+    def frames_per_patch(self) -> tuple[int, ...]:
+        """pt_s for every scale (``temporal_patch_sizes``, or all 1)."""
+        return self.temporal_patch_sizes or (1,) * self.num_scales
 
     @property
     def head_dim(self) -> int:
@@ -213,6 +228,15 @@ class DiTConfig:
         for p in self.patch_sizes:
             if not isinstance(p, (int, np.integer)) or p < 1:
                 bad(f"patch sizes must be positive integers, got {self.patch_sizes}")
+        tps = self.temporal_patch_sizes
+        if tps is not None and (
+            len(tps) != self.num_scales
+            or not all(isinstance(p, (int, np.integer)) and p >= 1 for p in tps)
+        ):
+            bad(
+                f"temporal_patch_sizes must be one positive integer per scale "
+                f"(patch_sizes {self.patch_sizes}), got {tps}"
+            )
         if self.positions not in _POSITIONS:
             bad(f"positions must be one of {_POSITIONS}, got {self.positions!r}")
         if self.positions == "rope" and self.head_dim % 2:
@@ -298,26 +322,28 @@ def token_grid(config: DiTConfig, scale_shapes: Sequence[Sequence[int]]) -> tupl
     naming the shapes and patch sizes when: the number of scales differs from
     ``len(config.patch_sizes)``; shapes are neither all (H, W, C) nor all
     (T, H, W, C); channels differ from ``in_channels``; H or W is not divisible by
-    the scale's patch size; the token grids (or frame counts) differ between scales;
-    or the grid is incompatible with the position encoding.
+    the scale's patch size (T by its temporal patch size); the token grids differ
+    between scales; or the grid is incompatible with the position encoding.
 
     Args:
       config: the model configuration.
       scale_shapes: per-example shapes WITHOUT the batch axis, coarsest first.
 
     Returns:
-      (gh, gw) for images, (T, gh, gw) for videos; L = prod of it.
+      (gh, gw) for images, (T_s / pt_s, gh, gw) for videos; L = prod of it.
     """
     shapes = [tuple(int(d) for d in s) for s in scale_shapes]
-    ps = config.patch_sizes
+    ps, pts = config.patch_sizes, config.frames_per_patch
     where = f"scale shapes {shapes} with patch sizes {ps}"
+    if config.temporal_patch_sizes is not None:
+        where += f" and temporal patch sizes {pts}"
     if len(shapes) != len(ps):
         raise ValueError(f"{len(shapes)} scales given but the model has {len(ps)}: {where}")
     ndims = {len(s) for s in shapes}
     if len(ndims) != 1 or ndims.pop() not in (3, 4):
         raise ValueError(f"every scale must be (H, W, C) or every (T, H, W, C): {where}")
     grids = []
-    for s, (shape, p) in enumerate(zip(shapes, ps, strict=True)):
+    for s, (shape, p, pt) in enumerate(zip(shapes, ps, pts, strict=True)):
         *lead, h, w, c = shape
         if c != config.in_channels:
             raise ValueError(
@@ -328,7 +354,12 @@ def token_grid(config: DiTConfig, scale_shapes: Sequence[Sequence[int]]) -> tupl
             raise ValueError(
                 f"scale {s} of size {h}x{w} is not divisible by its patch size {p}: {where}"
             )
-        grids.append((*lead, h // p, w // p))
+        if pt > 1 and (not lead or lead[0] % pt):
+            raise ValueError(
+                f"scale {s} is not a video whose frame count is divisible by its temporal "
+                f"patch size {pt}: {where}"
+            )
+        grids.append((*(n // pt for n in lead), h // p, w // p))
     if len(set(grids)) != 1:
         raise ValueError(f"scales give different token grids {grids}: {where}")
     grid = grids[0]
@@ -416,7 +447,9 @@ class DiT(nn.Module):
         cfg, kw = self.config, self._module_kwargs()
         batch = scales[0].shape[0]
         tokens = None
-        for s, (x, p) in enumerate(zip(scales, cfg.patch_sizes, strict=True)):
+        for s, (x, p, pt) in enumerate(
+            zip(scales, cfg.patch_sizes, cfg.frames_per_patch, strict=True)
+        ):
             bshape = (batch,) + (1,) * (x.ndim - 1)
             x = jnp.where(active[:, s].reshape(bshape), x.astype(jnp.float32), 0.0)
             if cfg.preconditioning:
@@ -425,7 +458,7 @@ class DiT(nn.Module):
                 c_in = jax.lax.rsqrt(ts**2 * sig2 + (1.0 - ts) ** 2)
                 x = x * c_in.reshape(bshape)
             emb = layers.PatchEmbed(p, cfg.width, name=f"x_embedder_{s}", **kw)(
-                x.astype(kw["dtype"])
+                _fold_time(x, pt).astype(kw["dtype"])
             )
             tokens = emb if tokens is None else tokens + emb
         if cfg.positions == "sincos":
@@ -496,19 +529,45 @@ class DiT(nn.Module):
         """
         cfg, kw = self.config, self._module_kwargs()
         outs = []
-        for s, p in enumerate(cfg.patch_sizes):
-            y = layers.FinalLayer(cfg.width, p, cfg.in_channels, name=f"final_layer_{s}", **kw)(
-                tokens, c
-            )
-            y = layers.unpatchify(y, p, grid, cfg.in_channels).astype(jnp.float32)
+        for s, (p, pt) in enumerate(zip(cfg.patch_sizes, cfg.frames_per_patch, strict=True)):
+            channels = pt * cfg.in_channels
+            y = layers.FinalLayer(cfg.width, p, channels, name=f"final_layer_{s}", **kw)(tokens, c)
+            y = _unfold_time(layers.unpatchify(y, p, grid, channels), pt).astype(jnp.float32)
             if cfg.preconditioning:
                 y = y * math.sqrt(cfg.scale_stds[s] ** 2 + 1.0)
             outs.append(y)
         return tuple(outs)
 
 
+def _fold_time(x: Array, frames: int) -> Array:
+    """``(B, T, H, W, C)`` -> ``(B, T / frames, H, W, frames * C)``: consecutive frames
+    stacked on the channels (so 2-D patches of the result are 3-D patches of ``x``).
+    Identity for ``frames == 1``."""
+    if frames == 1:
+        return x
+    b, t, h, w, c = x.shape
+    x = x.reshape(b, t // frames, frames, h, w, c)
+    return jnp.moveaxis(x, 2, 4).reshape(b, t // frames, h, w, frames * c)
+
+
+def _unfold_time(x: Array, frames: int) -> Array:
+    """Inverse of ``_fold_time``: ``(B, T', H, W, frames * C)`` -> ``(B, T' * frames, H, W,
+    C)``."""
+    if frames == 1:
+        return x
+    b, t, h, w, fc = x.shape
+    x = x.reshape(b, t, h, w, frames, fc // frames)
+    return jnp.moveaxis(x, 4, 2).reshape(b, t * frames, h, w, fc // frames)
+
+
 def _default_scale_shapes(config: DiTConfig) -> list[tuple[int, int, int]]:
-    """The smallest valid image shapes: a 1 x 1 token grid."""
+    """The smallest valid shapes: a 1 x 1 token grid (1 x 1 x 1 clips with temporal
+    patches)."""
+    if config.temporal_patch_sizes is not None:
+        return [
+            (pt, p, p, config.in_channels)
+            for p, pt in zip(config.patch_sizes, config.frames_per_patch, strict=True)
+        ]
     return [(p, p, config.in_channels) for p in config.patch_sizes]
 
 
@@ -566,11 +625,11 @@ def forward_flops(config: DiTConfig, scale_shapes: Sequence[Sequence[int]]) -> i
     n_tok = math.prod(grid)
     d, c, f = config.width, config.in_channels, config.time_freq_dim
     flops = 0
-    for p in config.patch_sizes:
-        flops += 2 * n_tok * (p * p * c) * d  # patch embedding
+    for p, pt in zip(config.patch_sizes, config.frames_per_patch, strict=True):
+        flops += 2 * n_tok * (pt * p * p * c) * d  # patch embedding
         flops += 2 * (f * d + d * d)  # timestep MLP
         flops += 2 * d * (2 * d)  # final adaLN
-        flops += 2 * n_tok * d * (p * p * c)  # final linear
+        flops += 2 * n_tok * d * (pt * p * p * c)  # final linear
     block = 2 * d * (6 * d)  # adaLN modulation
     block += 2 * n_tok * d * (3 * d)  # qkv
     block += 2 * 2 * n_tok * n_tok * d  # scores and values, all heads

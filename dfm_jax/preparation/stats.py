@@ -3,7 +3,8 @@
 A pyramid name is the key `pyramid.metadata_name` gives a config's decomposition:
 `{kind}_{ratios joined by "x"}`, e.g. "laplacian_2" (two scales, x2), "laplacian_2x2"
 (three scales), "laplacian_4", "haar_2", and "laplacian_1" for a single scale (Flow
-Matching). The training setup looks the stds up under that key, and
+Matching); a temporal Laplacian pyramid (time resized too) ends in "_t", e.g.
+"laplacian_2_t". The training setup looks the stds up under that key, and
 `pyramid.Standardized` divides scale s by its (scalar) std, so every value is one float per
 scale, coarsest first: the standard deviation over all elements (examples, positions and
 channels) of that scale.
@@ -28,7 +29,9 @@ DEFAULT_PYRAMIDS = ("laplacian_1", "laplacian_2", "laplacian_4", "laplacian_2x2"
 
 def pyramid_from_name(name: str) -> pyramid.Pyramid:
     """The decomposition of this `pyramid.metadata_name` (unstandardised)."""
-    kind, sep, ratio_text = name.partition("_")
+    temporal = name.endswith(pyramid.TEMPORAL_SUFFIX)
+    base = name.removesuffix(pyramid.TEMPORAL_SUFFIX)
+    kind, sep, ratio_text = base.partition("_")
     try:
         ratios = tuple(int(r) for r in ratio_text.split("x")) if sep else None
     except ValueError:
@@ -37,15 +40,14 @@ def pyramid_from_name(name: str) -> pyramid.Pyramid:
         raise ValueError(
             f"bad pyramid name {name!r}: expected <kind>_<ratios>, kind one of "
             f"{pyramid.KINDS} and ratios like 2, 4, 2x2 (1 for a single scale), e.g. "
-            "laplacian_2, haar_2x2, laplacian_1"
+            "laplacian_2, haar_2x2, laplacian_1, laplacian_2_t (temporal)"
         )
     if ratios == (1,):
         ratios = ()
-    if pyramid.metadata_name(kind, ratios) != name:
-        raise ValueError(
-            f"bad pyramid name {name!r}; did you mean {pyramid.metadata_name(kind, ratios)!r}?"
-        )
-    return pyramid.make(kind, ratios)
+    expected = pyramid.metadata_name(kind, ratios, temporal and kind == "laplacian")
+    if expected != name:
+        raise ValueError(f"bad pyramid name {name!r}; did you mean {expected!r}?")
+    return pyramid.make(kind, ratios, temporal=temporal)
 
 
 def parse_pyramids(names: Sequence[str], latent_shape: Sequence[int]) -> dict[str, pyramid.Pyramid]:
@@ -54,7 +56,7 @@ def parse_pyramids(names: Sequence[str], latent_shape: Sequence[int]) -> dict[st
     for name in names:
         p = pyramid_from_name(name)
         try:
-            p.scale_sizes(int(latent_shape[-3]), int(latent_shape[-2]))
+            p.scale_shapes((1, *(int(d) for d in latent_shape)))
         except ValueError as e:
             raise ValueError(
                 f"pyramid {name!r} does not fit latents of shape {tuple(latent_shape)}: {e}"
