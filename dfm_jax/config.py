@@ -87,12 +87,20 @@ class PyramidSettings:
 
     kind: str = "laplacian"  # "laplacian" | "haar"
     ratios: tuple[int, ...] = (2,)  # coarse-to-fine resolution ratios; () is one scale (FM)
-    standardize: bool = False  # divide scale s by its data std (paper: off for images)
+    # divide scale s by its data std; None: on for videos (spec section 6), off for images
+    standardize: bool | None = None
     stds: tuple[float, ...] | None = None  # per-scale stds; None: the dataset's metadata
+    temporal: bool = False  # videos: each ratio also resizes time (trilinear; laplacian only)
 
     def __post_init__(self):
         _check(
             self.kind in pyramid.KINDS, "kind", f"must be one of {pyramid.KINDS}, got {self.kind!r}"
+        )
+        _check(
+            not self.temporal or self.kind == "laplacian",
+            "temporal",
+            f'resizes time with the trilinear Laplacian only: set kind="laplacian" or '
+            f"temporal=False, got kind {self.kind!r}",
         )
         _check(all(r >= 2 for r in self.ratios), "ratios", f"must be >= 2, got {self.ratios}")
         if self.kind == "haar":
@@ -119,8 +127,17 @@ class PyramidSettings:
 
     @property
     def name(self) -> str:
-        """Key of this decomposition's per-scale stds in dataset metadata, e.g. "laplacian_2"."""
-        return pyramid.metadata_name(self.kind, self.ratios)
+        """Key of this decomposition's per-scale stds in dataset metadata, e.g. "laplacian_2"
+        ("laplacian_2_t" when temporal)."""
+        return pyramid.metadata_name(self.kind, self.ratios, self.temporal)
+
+    @property
+    def temporal_patch_sizes(self) -> tuple[int, ...] | None:
+        """Frames per model patch of every scale: ``prod(ratios[:s])`` when temporal (equal
+        token grids along time, as the spatial patch sizes along H and W), else None."""
+        if not self.temporal:
+            return None
+        return tuple(math.prod(self.ratios[:s]) for s in range(self.num_scales))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,10 +224,16 @@ class ModelSettings:
             raise ConfigError(str(e).removeprefix("DiTConfig: ")) from None
 
     def architecture(
-        self, *, in_channels: int, num_classes: int, scale_stds: tuple[float, ...] | None
+        self,
+        *,
+        in_channels: int,
+        num_classes: int,
+        scale_stds: tuple[float, ...] | None,
+        temporal_patch_sizes: tuple[int, ...] | None = None,
     ) -> dit.DiTConfig:
         """The ``DiTConfig``; ``scale_stds`` (sigma_s as the model sees the scales) are
-        used when ``preconditioning``."""
+        used when ``preconditioning``; ``temporal_patch_sizes`` (a temporal pyramid's,
+        ``PyramidSettings.temporal_patch_sizes``) give 3-D patches."""
         overrides = {
             name: getattr(self, name)
             for name in ("depth", "width", "num_heads")
@@ -221,6 +244,7 @@ class ModelSettings:
             in_channels=in_channels,
             num_classes=num_classes,
             patch_sizes=self.patch_sizes,
+            temporal_patch_sizes=temporal_patch_sizes,
             positions=self.positions,
             stage_embedding=self.stage_embedding,
             preconditioning=self.preconditioning,
@@ -268,13 +292,14 @@ class DataSettings:
     """
 
     # fashion_mnist | moving_fashion_mnist (clips) | synthetic | image_folder | tfds | array_record
+    # | video_folder | kinetics (PyAV clips)
     source: str = "synthetic"
     dir: str = ""  # data directory: IDX files / class folders / TFDS data_dir / latents
     split: str = "train"  # split name (image_folder / array_record: a subfolder if present)
     resolution: int | None = None  # output side of pixel sources; None: native (synthetic 32)
     channels: int | None = None  # None: the source's (fashion_mnist 1, synthetic/folders 3)
     num_classes: int | None = None  # None: the dataset's; set: must equal it (synthetic: 10)
-    frames: int = 0  # synthetic / moving_fashion_mnist: 0 for images, T for (T, H, W, C) clips
+    frames: int = 0  # synthetic / moving_fashion_mnist / video sources: 0 images, T clips
     num_examples: int = 1024  # synthetic: dataset size
     tfds_name: str = ""  # tfds: the dataset name, e.g. "cifar10"
     image_key: str = "image"  # tfds: image feature
@@ -284,6 +309,11 @@ class DataSettings:
     validate_files: bool = True  # image_folder: header-check every file when indexing
     worker_count: int = 0  # Grain worker processes (0: in the training process)
     bad_records: str = "stop"  # array_record: a corrupt/misshapen record "stop"s or "skip"s
+    frame_stride: int = 1  # video_folder / kinetics: decoded frames between clip frames
+    fps: float = 0.0  # video sources: > 0 sets stride = round(video fps / fps); 0: frame_stride
+    clip: str = ""  # video sources: "random" offset | "center"; "": random for train, else center
+    random_flip: bool = False  # video sources: flip half the "random" clips left-right
+    max_bad_fraction: float = 0.05  # video sources: stop when more of the reads failed (after 20)
 
     def __post_init__(self):
         _check(
@@ -308,6 +338,18 @@ class DataSettings:
         _check(self.frames >= 0, "frames", f"must be >= 0 (0: images), got {self.frames}")
         _check(self.num_examples >= 1, "num_examples", f"must be positive, got {self.num_examples}")
         _check(self.worker_count >= 0, "worker_count", f"must be >= 0, got {self.worker_count}")
+        _check(self.frame_stride >= 1, "frame_stride", f"must be >= 1, got {self.frame_stride}")
+        _check(self.fps >= 0, "fps", f"must be >= 0 (0: use frame_stride), got {self.fps}")
+        _check(
+            self.clip in ("", "random", "center"),
+            "clip",
+            f'must be "random", "center" or "" (random for split train), got {self.clip!r}',
+        )
+        _check(
+            0.0 <= self.max_bad_fraction <= 1.0,
+            "max_bad_fraction",
+            f"must lie in [0, 1], got {self.max_bad_fraction}",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -372,7 +414,8 @@ class EvalSettings:
     Results go to ``<workdir>/eval/results.csv`` / ``results.md`` and TensorBoard.
     """
 
-    metrics: tuple[str, ...] = ("fid", "fdd", "is")  # fid | fdd | is | pr | fd_fmnist
+    # fid | fdd | is | pr | fd_fmnist; videos: fvd | fid, fdd (per frame) | fvd_fmnist
+    metrics: tuple[str, ...] = ("fid", "fdd", "is")
     every: int = 0  # train steps between evaluations during training (+ at the end); 0: never
     num_samples: int = 50_000  # samples per sweep point
     sweep: str = ""  # sampler settings (dfm_jax.evaluation.sweep syntax); "": config.sampling
@@ -380,6 +423,7 @@ class EvalSettings:
     seed: int | None = None  # labels and noise; None: config.seed
     inception_weights: str = ""  # pytorch-fid Inception weights (fid, is, pr)
     dinov2_weights: str = ""  # DINOv2 weights (fdd)
+    i3d_weights: str = ""  # TF-Hub i3d-kinetics-400 SavedModel directory (fvd)
     reference: str = ""  # reference statistics .npz (ADM batch or --compute_reference)
     fdd_reference: str = ""  # DINOv2 reference .npz (default: fdd_* keys of reference)
     is_splits: int = 10  # Inception Score splits
@@ -465,7 +509,14 @@ class Settings:
             ),
         )
         _check(self.method in METHODS, "method", f"must be one of {METHODS}, got {self.method!r}")
+        if self.pyramid.standardize is None:  # the default: standardised video DFM / FM
+            standardize = self.is_video and self.method in ("dfm", "flow_matching")
+            object.__setattr__(
+                self, "pyramid", dataclasses.replace(self.pyramid, standardize=standardize)
+            )
         self._check_scales()
+        if self.pyramid.temporal:
+            self._check_temporal()
         if self.data.source == "array_record":
             _check(
                 bool(self.autoencoder.name),
@@ -474,6 +525,11 @@ class Settings:
                 "the autoencoder that encoded them (e.g. sd-vae-ft-ema, flux-ae) so that "
                 "samples can be decoded",
             )
+
+    @property
+    def is_video(self) -> bool:
+        """Clips ``(T, H, W, C)``: pixel clips (``data.frames``) or video-autoencoder latents."""
+        return self.data.frames > 0 or self.autoencoder.name in autoencoder.VIDEO_PRESET_NAMES
 
     def _check_scales(self) -> None:
         """One patch size, one p_q entry and one sampling stage per scale."""
@@ -514,6 +570,29 @@ class Settings:
                 "'flow_matching' trains one scale: set pyramid.ratios=() and "
                 "objective.stage_probs=(1.0,) (config.flow_matching_twin does it)",
             )
+
+    def _check_temporal(self) -> None:
+        """A temporal pyramid: DFM on videos whose frames divide by the ratios' product."""
+        _check(
+            self.method in ("dfm", "flow_matching"),
+            "pyramid.temporal",
+            f"is supported by methods dfm and flow_matching only, got {self.method!r}",
+        )
+        _check(
+            self.is_video,
+            "pyramid.temporal",
+            "resizes the time axis of videos, but the data are images (data.frames=0 and no "
+            "video autoencoder); set data.frames > 0 or pyramid.temporal=False",
+        )
+        total = math.prod(self.pyramid.ratios)
+        _check(  # pixel clips; latent frame counts are checked by the pyramid at build time
+            bool(self.autoencoder.name) or self.data.frames % total == 0,
+            "data.frames",
+            f"{self.data.frames} frames are not divisible by {total}, the product of the "
+            f"temporal pyramid.ratios {self.pyramid.ratios}; use a multiple of {total} (odd "
+            "frame counts, e.g. causal latents 1 + k, are not supported) or "
+            "pyramid.temporal=False",
+        )
 
     def _check_cascaded(self) -> None:
         """Cascaded: two scales, both stages with examples in every batch."""
@@ -621,7 +700,9 @@ def _render(section: Any) -> ml_collections.ConfigDict:
 
 def base_config() -> ml_collections.ConfigDict:
     """Every field with its default; the experiment files in configs/ change what they need."""
-    return _render(Settings())
+    config = _render(Settings())
+    config.pyramid = _render(PyramidSettings())  # as declared: Settings resolves standardize
+    return config
 
 
 def evaluator(**fields: Any) -> ml_collections.ConfigDict:
@@ -773,6 +854,7 @@ def flow_matching_twin(config: ml_collections.ConfigDict) -> ml_collections.Conf
     twin.method = "flow_matching"
     twin.pyramid.ratios = ()
     twin.pyramid.stds = None
+    twin.pyramid.temporal = False  # one scale: nothing to resize
     twin.objective.stage_probs = (1.0,)
     twin.model.patch_sizes = (int(config.model.patch_sizes[-1]),)
     twin.model.stage_embedding = False
@@ -824,6 +906,7 @@ def cascaded_twin(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     twin = copy.deepcopy(config)
     twin.method = "cascaded"
     twin.pyramid.stds = None
+    twin.pyramid.temporal = False  # spatial stages only
     twin.pyramid.standardize = False
     twin.model.stage_embedding = False
     twin.model.preconditioning = False
@@ -856,6 +939,7 @@ def pyramidal_twin(
     twin.method = "pyramidal"
     twin.pyramid.ratios = tuple(ratios)
     twin.pyramid.stds = None
+    twin.pyramid.temporal = False  # spatial stages only
     twin.pyramid.standardize = False
     twin.model.patch_sizes = (int(config.model.patch_sizes[-1]),)
     twin.model.stage_embedding = False

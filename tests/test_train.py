@@ -371,11 +371,6 @@ def test_valid_config_passes():
             data.DataNotFoundError,
             r"needs --config\.data\.dir",
         ),
-        (
-            {"pyramid.standardize": True},
-            ValueError,
-            r"config\.pyramid\.stds: standardize=True needs per-scale stds",
-        ),
     ],
 )
 def test_data_config_errors_at_build(overrides, error, message):

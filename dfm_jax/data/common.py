@@ -18,6 +18,7 @@ import abc
 from collections.abc import Sequence
 from typing import Any
 
+import grain
 import numpy as np
 from PIL import Image
 
@@ -76,6 +77,16 @@ class Source(abc.ABC):
         """
         del pyramid_name
         return None
+
+    def example(self, index: int) -> dict[str, np.ndarray]:
+        """The example at ``index`` after ``operations``, their randomness seeded by
+        ``index`` alone (statistics over a few examples; training uses Grain's RNG)."""
+        element = self[int(index)]
+        rng = np.random.default_rng([int(index), 0x57D5])
+        for op in self.operations:
+            random = isinstance(op, grain.transforms.RandomMap)
+            element = op.random_map(element, rng) if random else op.map(element)
+        return element
 
     @property
     def operations(self) -> tuple[Any, ...]:

@@ -20,11 +20,14 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import numpy as np
+from absl import logging
 
 from dfm_jax import config as config_lib
 from dfm_jax import data, parallel
 from dfm_jax.method import methods, pyramid
 from dfm_jax.models import dit
+from dfm_jax.preparation import stats
 from dfm_jax.training import checkpoint, decoding
 from dfm_jax.training.train_step import (
     StepConfig,
@@ -103,11 +106,40 @@ class MeshBound:
             return self.jitted.lower(*args)
 
 
-def data_stds(settings: config_lib.PyramidSettings, source: Any) -> tuple[float, ...] | None:
-    """Per-scale data stds: ``settings.stds`` if set, else the dataset's metadata, else None."""
+#: Examples the per-scale stds of a dataset without stored ones are measured on.
+MEASURED_STD_EXAMPLES = 256
+
+
+def data_stds(
+    settings: config_lib.PyramidSettings, source: Any, *, needed: bool = False
+) -> tuple[float, ...] | None:
+    """Per-scale data stds: ``settings.stds`` if set, else the dataset's metadata.
+
+    A dataset that stores none (pixel sources) gets them measured when ``needed``
+    (standardisation or preconditioning): on ``MEASURED_STD_EXAMPLES`` examples at
+    seeded indices, the same in every process and run. Else None.
+    """
     if settings.stds is not None:
         return settings.stds
-    return source.scale_stds(settings.name)
+    stored = source.scale_stds(settings.name)
+    if stored is not None or not needed or not hasattr(source, "example"):
+        return stored
+    decomposition = pyramid.make(settings.kind, settings.ratios, temporal=settings.temporal)
+    indices = stats.sample_indices(len(source), MEASURED_STD_EXAMPLES, seed=0)
+    measured = stats.ScaleStats({settings.name: decomposition})
+    for start in range(0, len(indices), 64):
+        batch = [source.example(i)[data.IMAGE_KEY] for i in indices[start : start + 64]]
+        measured.add(np.stack(batch))
+    stds = tuple(float(s) for s in measured.stds()[settings.name])
+    logging.info(
+        "Per-scale stds of %s measured on %d examples of %s (it stores none): (%s); "
+        "config.pyramid.stds fixes them",
+        settings.name,
+        len(indices),
+        type(source).__name__,
+        ", ".join(f"{s:.4f}" for s in stds),
+    )
+    return stds
 
 
 def build_decomposition(
@@ -120,7 +152,12 @@ def build_decomposition(
             "config.pyramid.stds or use a prepared dataset whose metadata records them for "
             f"{settings.name!r}"
         )
-    return pyramid.make(settings.kind, settings.ratios, stds if settings.standardize else None)
+    return pyramid.make(
+        settings.kind,
+        settings.ratios,
+        stds if settings.standardize else None,
+        temporal=settings.temporal,
+    )
 
 
 def model_stds(
@@ -144,11 +181,13 @@ def build_method(settings: config_lib.Settings, source: Any) -> methods.Method:
     """The training method of ``settings.method`` for data shaped like ``source``'s."""
     example_shape = tuple(source.example_shape)
     num_classes = int(source.num_classes)
-    stds = data_stds(settings.pyramid, source)
+    needed = bool(settings.pyramid.standardize or settings.model.preconditioning)
+    stds = data_stds(settings.pyramid, source, needed=needed)
     architecture = settings.model.architecture(
         in_channels=example_shape[-1],
         num_classes=num_classes,
         scale_stds=model_stds(settings, stds),
+        temporal_patch_sizes=settings.pyramid.temporal_patch_sizes,
     )
     if settings.method == "pyramidal":
         return methods.METHODS["pyramidal"](
