@@ -1,4 +1,4 @@
-"""Encode an image dataset into a latent dataset (ArrayRecord shards + metadata.json).
+"""Encode an image or video dataset into a latent dataset (ArrayRecord shards + metadata.json).
 
     # ImageNet from TFDS (prepared from the official archives: put ILSVRC2012_img_train.tar
     # and ILSVRC2012_img_val.tar in <data_dir>/downloads/manual and run
@@ -13,7 +13,18 @@
         --resolution=256 --autoencoder=sd-vae-ft-ema --autoencoder_weights=/weights/sd-vae-ft-ema \\
         --out=/data/in256_sd
 
+    # Kinetics-700-2020 as distributed (<root>/train/<class>/<ytid>_<start>_<end>.mp4 and
+    # <root>/[annotations/]train.csv): the centre clip of 17 frames at 8 fps of every video,
+    # encoded by the CogVideoX-2b autoencoder into 5 x 64 x 64 x 16 latents
+    python -m dfm_jax.prepare --source=kinetics --data_dir=/data/kinetics700 --split=train \\
+        --frames=17 --fps=8 --resolution=512 --autoencoder=cogvideox-2b \\
+        --autoencoder_weights=/weights/CogVideoX-2b/vae --autoencoder_dtype=bfloat16 \\
+        --out=/data/k700_512_cogvideox
+
 Train on the result with ``--config.data.source=array_record --config.data.dir=<out>``.
+Videos (``--source=video_folder`` or ``kinetics``) give one record per video: its centre
+clip (``--frames`` every ``--frame_stride`` frames, or at ``--fps``), every frame
+ADM-centre-cropped; unreadable, truncated and too-short videos are skipped and counted.
 
 Images get the ADM centre crop; with ``--flip`` every image is followed by its
 horizontal flip (a separate record). Records hold raw latents (``--store=moments``:
@@ -39,17 +50,30 @@ from absl import app, flags, logging
 from dfm_jax import parallel
 
 _OUT = flags.DEFINE_string("out", None, "Output directory of the latent dataset.")
-_SOURCE = flags.DEFINE_enum("source", "image_folder", ["image_folder", "tfds"], "Image source.")
+_SOURCE = flags.DEFINE_enum(
+    "source",
+    "image_folder",
+    ["image_folder", "tfds", "video_folder", "kinetics"],
+    "Images (a class folder, TFDS) or videos (a class folder, Kinetics-700).",
+)
 _DATA_DIR = flags.DEFINE_string(
-    "data_dir", "", "Image folder (<dir>/<class>/<image>), or the TFDS data dir."
+    "data_dir", "", "Image / video folder (<dir>/<class>/<file>), Kinetics root, or TFDS data dir."
 )
 _TFDS_NAME = flags.DEFINE_string("tfds_name", "imagenet2012", "TFDS dataset name.")
-_SPLIT = flags.DEFINE_string("split", "train", "TFDS split, e.g. train, validation, train[:1%].")
+_SPLIT = flags.DEFINE_string(
+    "split", "train", "TFDS split (e.g. train, validation, train[:1%]); Kinetics: train, validate."
+)
 _IMAGE_KEY = flags.DEFINE_string("image_key", "image", "TFDS image feature.")
 _LABEL_KEY = flags.DEFINE_string("label_key", "label", "TFDS label feature ('' = unlabelled).")
 _RESOLUTION = flags.DEFINE_integer("resolution", 256, "Centre-crop resolution in pixels.")
+_FRAMES = flags.DEFINE_integer("frames", 0, "Videos: frames per clip (1 + 4k for CogVideoX).")
+_FRAME_STRIDE = flags.DEFINE_integer("frame_stride", 1, "Videos: decoded frames per clip frame.")
+_FPS = flags.DEFINE_float("fps", 0.0, "Videos: target frame rate (> 0 overrides --frame_stride).")
 _AUTOENCODER = flags.DEFINE_string(
-    "autoencoder", "sd-vae-ft-ema", "sd-vae-ft-ema | sd-vae-ft-mse | flux-ae | tiny."
+    "autoencoder",
+    "sd-vae-ft-ema",
+    "sd-vae-ft-ema | sd-vae-ft-mse | flux-ae | tiny; videos: cogvideox-2b | cogvideox-5b | "
+    "tiny-video.",
 )
 _WEIGHTS = flags.DEFINE_string(
     "autoencoder_weights", "", "diffusers diffusion_pytorch_model.safetensors (or its dir)."
@@ -100,6 +124,9 @@ def options_from_flags():
         image_key=_IMAGE_KEY.value,
         label_key=_LABEL_KEY.value,
         resolution=_RESOLUTION.value,
+        frames=_FRAMES.value,
+        frame_stride=_FRAME_STRIDE.value,
+        fps=_FPS.value,
         autoencoder=_AUTOENCODER.value,
         autoencoder_weights=_WEIGHTS.value,
         autoencoder_dtype=_AE_DTYPE.value,

@@ -510,13 +510,16 @@ def test_options_from_flags_maps_every_flag_to_its_field():
 
     values = {
         "out": "/tmp/out",
-        "source": "tfds",
+        "source": "kinetics",
         "data_dir": "/data",
         "tfds_name": "cifar10",
         "split": "validation",
         "image_key": "img",
         "label_key": "cls",
         "resolution": 64,
+        "frames": 9,
+        "frame_stride": 3,
+        "fps": 7.5,
         "autoencoder": "tiny",
         "autoencoder_weights": "/w.safetensors",
         "autoencoder_dtype": "bfloat16",

@@ -61,3 +61,26 @@ def test_video_sample_grid_is_an_animated_class_grid(tmp_path):
     expected = viz.preview_strip([coarse[:, 0], clips[::2, 0]], row_labels=rows)
     np.testing.assert_array_equal(strip[0], expected)
     assert writer.images["samples"].shape[0] == 1
+
+
+def test_latent_video_samples_are_decoded_by_the_video_autoencoder(tmp_path):
+    """Video latents (B, T', h, w, C) are drawn after the video codec's decode."""
+    settings = train_utils.tiny_settings(
+        {"data.frames": 2, "data.channels": 4, "autoencoder.name": "tiny-video"}
+    )
+    setup = setup_lib.build(settings)
+    sample_writer = samples_lib.SampleWriter(setup, str(tmp_path), _Writer())
+    assert sample_writer.enabled and sample_writer.video
+    params = jax.tree.map(
+        lambda a: 0.05 * jax.random.normal(jax.random.key(1), a.shape, a.dtype),
+        setup.abstract_state.ema_params,
+    )
+    sample_writer(3, params)
+    with setup.context():
+        latents, _ = sample_writer.generate(params, sample_writer.key, sample_writer.labels)
+    clips = np.asarray(sample_writer.codec.decode(latents))
+    assert clips.shape[:2] == (4, 8) and clips.shape[-1] == 3  # one even chunk: 4 T' frames
+    grids = np.stack([viz.image_grid(clips[:, t], 2, row_labels=["0", "1"]) for t in range(8)])
+    expected = _gif_frames(io.BytesIO(viz.gif_bytes(grids)))  # the same palette quantisation
+    frames = _gif_frames(tmp_path / "samples" / "step_00000003_grid.gif")
+    np.testing.assert_array_equal(frames, expected)

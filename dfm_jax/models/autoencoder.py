@@ -70,7 +70,7 @@ import jax.numpy as jnp
 import numpy as np
 
 if TYPE_CHECKING:
-    from dfm_jax.models.cogvideox import VideoCodec
+    from dfm_jax.models.cogvideox import CogVideoXConfig, VideoCodec
 
 Array = jax.Array
 
@@ -232,6 +232,25 @@ def autoencoder_config(name: str, **overrides: Any) -> AutoencoderConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown autoencoder {name!r}; expected one of {sorted(PRESETS)}")
     return AutoencoderConfig(name=name, **{**PRESETS[name], **overrides})
+
+
+def preset_config(name: str, **overrides: Any) -> AutoencoderConfig | CogVideoXConfig:
+    """The config of any preset, image (:func:`autoencoder_config`) or video
+    (:data:`VIDEO_PRESET_NAMES`: a :class:`dfm_jax.models.cogvideox.CogVideoXConfig`).
+
+    Both have ``name``, ``latent_channels``, ``downsample_factor``, ``scaling_factor``,
+    ``shift_factor`` and ``dtype``; video configs add ``latent_frames(frames)``.
+    """
+    if name in VIDEO_PRESET_NAMES:
+        from dfm_jax.models.cogvideox import video_autoencoder_config
+
+        return video_autoencoder_config(name, **overrides)
+    if name not in PRESETS:
+        raise ValueError(
+            f"unknown autoencoder {name!r}; expected one of "
+            f"{sorted((*PRESETS, *VIDEO_PRESET_NAMES))}"
+        )
+    return autoencoder_config(name, **overrides)
 
 
 # ----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Image readers for dataset preparation: index -> ADM-centre-cropped uint8 RGB image + label.
+"""Readers for dataset preparation: index -> ADM-centre-cropped uint8 RGB image (or clip) + label.
 
 A reader never substitutes one image for another: an image that cannot be read raises
 `ReadError`, and `dfm_jax.preparation` skips and counts it, so that the written records are
@@ -12,16 +12,21 @@ centre crop), which also upsamples images smaller than the resolution, as ADM / 
 from __future__ import annotations
 
 import abc
+import dataclasses
 import os
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from dfm_jax.data import common, image_folder, tfds_source
+from dfm_jax.data import common, image_folder, tfds_source, video, video_folder
 
+#: `--source` values of images.
+IMAGE_SOURCES = ("image_folder", "tfds")
+#: `--source` values of videos (centre clips of `--frames` frames).
+VIDEO_SOURCES = ("video_folder", "kinetics")
 #: `--source` values.
-SOURCES = ("image_folder", "tfds")
+SOURCES = (*IMAGE_SOURCES, *VIDEO_SOURCES)
 
 
 class ReadError(Exception):
@@ -172,6 +177,81 @@ class TfdsReader(ImageReader):
         return dict(self._description)
 
 
+@dataclasses.dataclass(frozen=True)
+class ClipSettings:
+    """Which clip of every video is prepared: `frames` frames every `frame_stride` decoded
+    frames (or at the target `fps` when > 0), from the centre of the video."""
+
+    frames: int
+    frame_stride: int = 1
+    fps: float = 0.0
+
+
+class VideoReader(ImageReader):
+    """Centre clips of a video source (`video_folder.VideoSource`: Kinetics or class
+    folders), uint8 ``(frames, resolution, resolution, 3)``: the evaluation clip of every
+    video, deterministic. Files are not opened at index time; an unreadable, truncated or
+    too-short video fails in `read` and is skipped by the caller."""
+
+    def __init__(self, source: video_folder.VideoSource, description: dict[str, Any]):
+        self.source, self._files = source, source.files
+        self.resolution = source.resolution
+        self.num_classes, self.class_names = source.num_classes, list(source.class_names)
+        self._description = {
+            **description,
+            "num_files": len(self._files),
+            "num_classes": self.num_classes,
+            "frames": source.frames,
+            "frame_stride": source.frame_stride,
+            "fps": source.fps,
+        }
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def read(self, index: int) -> tuple[np.ndarray, int, str]:
+        path, label = self._files[index]
+        key = os.path.relpath(path, self.source.name)
+        try:
+            clip = video.read_clip(
+                path,
+                frames=self.source.frames,
+                resolution=self.resolution,
+                frame_stride=self.source.frame_stride,
+                fps=self.source.fps,
+                mode="center",
+            )
+        except video.VideoReadError as e:
+            raise ReadError(key, str(e)) from e
+        return clip, label, key
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self._description)
+
+
+def make_video_reader(
+    source: str, data_dir: str, resolution: int, split: str, clip: ClipSettings
+) -> VideoReader:
+    """The reader of a `VIDEO_SOURCES` source: Kinetics (`data_dir` is its root, `split`
+    "train" or "validate") or a class folder (`data_dir` itself)."""
+    if not data_dir:
+        raise common.DataNotFoundError(
+            f"--source={source} needs --data_dir: "
+            + (
+                "the Kinetics-700 root (<root>/<split>/<class>/<clip>.mp4 and <root>/train.csv)"
+                if source == "kinetics"
+                else "a folder with one subfolder of videos per class"
+            )
+        )
+    options = dict(resolution=resolution, clip="center", **dataclasses.asdict(clip))
+    root = os.path.abspath(data_dir)
+    if source == "kinetics":
+        videos = video_folder.KineticsSource(root, split, **options)
+    else:
+        videos = video_folder.VideoFolderSource(root, **options)
+    return VideoReader(videos, {"source": source, "data_dir": root, "split": split})
+
+
 def make_reader(
     source: str,
     data_dir: str,
@@ -180,8 +260,13 @@ def make_reader(
     split: str = "train",
     image_key: str = "image",
     label_key: str = "label",
+    clip: ClipSettings | None = None,
 ) -> ImageReader:
-    """The reader for `--source` (one of SOURCES)."""
+    """The reader for `--source` (one of SOURCES); video sources need `clip`."""
+    if source in VIDEO_SOURCES:
+        if clip is None:
+            raise ValueError(f"--source={source} reads clips: give the clip settings")
+        return make_video_reader(source, data_dir, resolution, split, clip)
     if source == "image_folder":
         if not data_dir:
             raise common.DataNotFoundError(

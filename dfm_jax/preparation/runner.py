@@ -40,6 +40,8 @@ from dfm_jax.data import latents
 from dfm_jax.preparation import encoding, readers, shards, stats
 
 DEFAULT_IMAGES_PER_SHARD = 1024
+#: Clips per shard of video sources (a 5 x 64 x 64 x 16 moments record is 2.6 MB).
+DEFAULT_CLIPS_PER_SHARD = 64
 #: Consecutive unreadable images after which the source is considered broken.
 MAX_CONSECUTIVE_FAILURES = 64
 #: Skipped image keys listed in the metadata (the count is always exact).
@@ -53,10 +55,17 @@ class PrepareOptions:
 
     Attributes:
       out: output directory (created; a shared file system for several hosts).
-      source: "image_folder" (data_dir/<class>/<images>) or "tfds".
-      data_dir: the image folder, or the TFDS data dir ("" = TFDS's default).
-      tfds_name, split, image_key, label_key: the TFDS dataset, split and features.
-      resolution: images are ADM-centre-cropped to resolution x resolution.
+      source: "image_folder" (data_dir/<class>/<images>), "tfds", or the video sources
+        "video_folder" (data_dir/<class>/<videos>) and "kinetics" (Kinetics-700 as
+        distributed: data_dir/<split>/<class>/<clip>.mp4 and the annotation CSVs).
+      data_dir: the image or video folder, the Kinetics root, or the TFDS data dir.
+      tfds_name, split, image_key, label_key: the TFDS dataset, split and features
+        (split also picks the Kinetics split: "train" or "validate").
+      resolution: images (every frame of a clip) are ADM-centre-cropped to this square.
+      frames: video sources: frames T per clip (the centre clip of every video); the
+        video autoencoder needs 1 + 4k (e.g. 17 or 49). 0 for images.
+      frame_stride, fps: video sources: decoded frames between clip frames, or a target
+        frame rate when fps > 0 (stride = round(video fps / fps)).
       autoencoder: preset of `dfm_jax.models.autoencoder` ("sd-vae-ft-ema", "flux-ae", ...).
       autoencoder_weights: diffusers safetensors file or directory ("" only for "tiny").
       autoencoder_dtype: the encoder's compute dtype ("bfloat16" on accelerators).
@@ -84,6 +93,9 @@ class PrepareOptions:
     image_key: str = "image"
     label_key: str = "label"
     resolution: int = 256
+    frames: int = 0
+    frame_stride: int = 1
+    fps: float = 0.0
     autoencoder: str = "sd-vae-ft-ema"
     autoencoder_weights: str = ""
     autoencoder_dtype: str = "float32"
@@ -113,6 +125,14 @@ class PrepareOptions:
             raise ValueError(f"--dtype must be one of {latents.LATENT_DTYPES}, got {self.dtype!r}")
         if self.resolution < 1:
             raise ValueError(f"--resolution must be positive, got {self.resolution}")
+        if self.video != (self.frames > 0):
+            raise ValueError(
+                f"--source={self.source} needs --frames >= 1 (frames per clip)"
+                if self.video
+                else f"--frames={self.frames} is for video sources {readers.VIDEO_SOURCES}"
+            )
+        if self.frame_stride < 1 or self.fps < 0:
+            raise ValueError("--frame_stride must be >= 1 and --fps >= 0")
         if self.images_per_shard is not None and self.num_shards is not None:
             raise ValueError("give --images_per_shard or --num_shards, not both")
         for name in ("images_per_shard", "num_shards", "batch_size", "max_examples"):
@@ -121,6 +141,18 @@ class PrepareOptions:
                 raise ValueError(f"--{name} must be positive, got {value}")
         if self.stats_examples < 0 or self.workers < 0:
             raise ValueError("--stats_examples and --workers must be >= 0")
+
+    @property
+    def video(self) -> bool:
+        """Whether the source holds videos (clips are encoded by a video autoencoder)."""
+        return self.source in readers.VIDEO_SOURCES
+
+    @property
+    def clip(self) -> readers.ClipSettings | None:
+        """The clip of every video (None for images)."""
+        if not self.video:
+            return None
+        return readers.ClipSettings(self.frames, self.frame_stride, self.fps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,7 +300,8 @@ class _ShardWriter:
                         {"label": np.int32(label), "key": key, "flip": np.bool_(flipped)}
                     )
                     record_id = index * len(self.copies) + int(flipped)
-                    yield buffer, position, (pixels[:, ::-1] if flipped else pixels), record_id
+                    flipped_pixels = np.flip(pixels, axis=-2) if flipped else pixels  # along W
+                    yield buffer, position, flipped_pixels, record_id
             buffer.read_done = True
             yield None, 0, None, 0
         images.close()
@@ -358,6 +391,7 @@ def _fingerprint(options: PrepareOptions, reader: readers.ImageReader, plan, cod
         "num_images": plan[-1].stop,
         "num_shards": len(plan),
         "resolution": options.resolution,
+        **({"clip": dataclasses.asdict(options.clip)} if options.video else {}),
         "autoencoder": codec_config.name,
         "autoencoder_dtype": codec_config.dtype,
         "flip": options.flip,
@@ -405,10 +439,12 @@ def _write_metadata(
         "class_names": list(reader.class_names),
         "source": reader.describe(),
         "resolution": options.resolution,
-        "crop": "ADM centre crop (BOX halving, BICUBIC resize, centre crop)",
+        "crop": "ADM centre crop (BOX halving, BICUBIC resize, centre crop)"
+        + (" of every frame of the centre clip" if options.video else ""),
+        **({"clip": dataclasses.asdict(options.clip)} if options.video else {}),
         "flip": options.flip,
         "record_order": (
-            "source order, each image followed by its horizontal flip"
+            "source order, each example followed by its horizontal flip"
             if options.flip
             else "source order"
         ),
@@ -488,15 +524,24 @@ def run(options: PrepareOptions, codec=None) -> PrepareResult:
     return result
 
 
-def _autoencoder_config(options: PrepareOptions, codec) -> tuple[Any, tuple[int, int, int]]:
-    """The autoencoder's config (`codec`'s, else the preset's) and the latent `(h, w, c)`."""
+def _autoencoder_config(options: PrepareOptions, codec) -> tuple[Any, tuple[int, ...]]:
+    """The autoencoder's config (`codec`'s, else the preset's) and the latent shape:
+    `(h, w, c)` for images, `(t, h, w, c)` for clips of a video autoencoder."""
     from dfm_jax.models import autoencoder
 
     codec_config = (
         codec.config
         if codec is not None
-        else autoencoder.autoencoder_config(options.autoencoder, dtype=options.autoencoder_dtype)
+        else autoencoder.preset_config(options.autoencoder, dtype=options.autoencoder_dtype)
     )
+    video_codec = hasattr(codec_config, "latent_frames")
+    if video_codec != options.video:
+        kind = "videos" if options.video else "images"
+        fitting = autoencoder.VIDEO_PRESET_NAMES if options.video else sorted(autoencoder.PRESETS)
+        raise ValueError(
+            f"--autoencoder={codec_config.name} does not encode {kind}, which "
+            f"--source={options.source} holds; use one of {list(fitting)}"
+        )
     f = codec_config.downsample_factor
     if options.resolution % f:
         raise ValueError(
@@ -504,20 +549,31 @@ def _autoencoder_config(options: PrepareOptions, codec) -> tuple[Any, tuple[int,
             f"of autoencoder {codec_config.name!r}"
         )
     latent_shape = (options.resolution // f, options.resolution // f, codec_config.latent_channels)
-    return codec_config, latent_shape
+    if not options.video:
+        return codec_config, latent_shape
+    r = codec_config.temporal_compression_ratio
+    if (options.frames - 1) % r:
+        raise ValueError(
+            f"--frames={options.frames}: the causal video autoencoder {codec_config.name!r} "
+            f"encodes 1 + {r}k frames into 1 + k latent frames; use e.g. {1 + 4 * r} or "
+            f"{1 + 12 * r}"
+        )
+    return codec_config, (codec_config.latent_frames(options.frames), *latent_shape)
 
 
 def _check_weights(options: PrepareOptions, codec) -> None:
     """Raises `FileNotFoundError` when the autoencoder must be loaded but has no weights file."""
-    from dfm_jax.models import autoencoder
+    from dfm_jax.models import autoencoder, cogvideox
 
     weights = options.autoencoder_weights
-    if codec is None and (weights or options.autoencoder != "tiny") and not os.path.exists(weights):
+    random_init = options.autoencoder in ("tiny", "tiny-video")
+    if codec is None and (weights or not random_init) and not os.path.exists(weights):
+        published = {**autoencoder.WEIGHTS_SOURCES, **cogvideox.VIDEO_WEIGHTS_SOURCES}
         raise FileNotFoundError(
             f"autoencoder {options.autoencoder!r} needs weights: --autoencoder_weights="
             f"{weights!r} does not exist. Pass the diffusers-layout "
             "diffusion_pytorch_model.safetensors (or its directory), from "
-            f"{autoencoder.WEIGHTS_SOURCES.get(options.autoencoder, 'its diffusers release')}."
+            f"{published.get(options.autoencoder, 'its diffusers release')}."
         )
 
 
@@ -531,13 +587,14 @@ def _open_source(options: PrepareOptions) -> tuple[readers.ImageReader, list[sha
         split=options.split,
         image_key=options.image_key,
         label_key=options.label_key,
+        clip=options.clip,
     )
     num_images = (
         len(reader) if options.max_examples is None else min(len(reader), options.max_examples)
     )
     images_per_shard = options.images_per_shard
     if options.num_shards is None and images_per_shard is None:
-        images_per_shard = DEFAULT_IMAGES_PER_SHARD
+        images_per_shard = DEFAULT_CLIPS_PER_SHARD if options.video else DEFAULT_IMAGES_PER_SHARD
     return reader, shards.plan_shards(num_images, images_per_shard, options.num_shards)
 
 
@@ -567,12 +624,17 @@ def _encode_shards(
     """Encodes and writes the `pending` shards on this process's devices."""
     codec = codec if codec is not None else _load_codec(options)
     mesh = parallel.create_mesh({"data": -1}, jax.local_devices())
-    batch_size = options.batch_size or 16 * jax.local_device_count()
+    per_device = 2 if options.video else 16
+    batch_size = options.batch_size or per_device * jax.local_device_count()
     encoder = encoding.Encoder(codec, mesh, batch_size, options.store, options.dtype, options.seed)
     total = sum(s.stop - s.start for s in pending) * (2 if options.flip else 1)
     workers = options.workers or min(32, 2 * (os.cpu_count() or 1))
     with tqdm.tqdm(
-        total=total, unit="img", desc="prepare", disable=not options.progress, smoothing=0.1
+        total=total,
+        unit="clip" if options.video else "img",
+        desc="prepare",
+        disable=not options.progress,
+        smoothing=0.1,
     ) as progress:
         writer = _ShardWriter(reader, encoder, state, options.flip, workers, progress)
         writer.run(pending)

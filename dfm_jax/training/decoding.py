@@ -42,7 +42,7 @@ def check_matches_dataset(settings, source) -> None:
             f"--config.autoencoder.name={metadata.autoencoder or '<name>'} (and "
             "--config.autoencoder.weights) so that samples can be decoded"
         )
-    preset = autoencoder.autoencoder_config(name)
+    preset = autoencoder.preset_config(name)
     if metadata.autoencoder and metadata.autoencoder != name:
         raise ValueError(
             f"config.autoencoder.name={name!r} but {source!r} was encoded with "

@@ -29,17 +29,16 @@ class SampleWriter:
         self.labels = grid_labels(setup.num_classes, self.rows, self.per_row)
         self.generate = generation.make_generate_fn(setup.method, settings.sampler(), previews=True)
         self.key = jax.random.fold_in(jax.random.key(setup.settings.seed), 2**31 - 1)
-        # Latents are drawn through the autoencoder's decoder; 1- or 3-channel pixel images
-        # and clips as they are (clips as animated GIFs).
+        # Latents (image or video) are drawn through the autoencoder's decoder; 1- or
+        # 3-channel pixel images and clips as they are (clips as animated GIFs).
         self.codec = decoding.load_codec(setup.settings.autoencoder, setup.mesh, required=False)
         shape = setup.example_shape
         self.video = len(shape) == 4
-        drawable = self.codec is not None or shape[-1] in (1, 3)
-        self.enabled = drawable and (len(shape) == 3 or (self.video and self.codec is None))
+        self.enabled = self.codec is not None or shape[-1] in (1, 3)
         if not self.enabled:
             logging.info(
                 "No sample grids for examples of shape %s (1- or 3-channel images or clips, "
-                "or image latents with config.autoencoder set, are drawn); evaluate with "
+                "or latents with config.autoencoder set, are drawn); evaluate with "
                 "dfm_jax.eval",
                 shape,
             )
@@ -89,9 +88,12 @@ class SampleWriter:
             ]
         )
         labels = rows[: len(previews[0])]
+        # A temporal pyramid's coarse previews have fewer frames: show the nearest one.
         strip = np.stack(
             [
-                viz.preview_strip([p[:, t] for p in previews], row_labels=labels)
+                viz.preview_strip(
+                    [p[:, t * p.shape[1] // frames] for p in previews], row_labels=labels
+                )
                 for t in range(frames)
             ]
         )
