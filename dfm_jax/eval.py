@@ -1,4 +1,5 @@
-"""Evaluate a trained model: FID, FDD, IS (and precision/recall, FD-FMNIST) sweeps.
+"""Evaluate a trained model: FID, FDD, IS (and precision/recall, FD-FMNIST) sweeps; for
+video runs FVD and the per-frame FID and FDD (and the video demo's FVD-FMNIST).
 
     python -m dfm_jax.eval --config=configs/demo.py --workdir=workdir/demo
     python -m dfm_jax.eval --config=configs/imagenet512.py --workdir=gs://bucket/in512 \\
@@ -22,11 +23,16 @@ Sweep: ``key=v1,v2;key=...`` over ``cfg`` (guidance scale), ``tau`` (thresholds,
 config's ``sampling`` values. Metrics: ``fid``, ``is`` (Inception), ``fdd``
 (DINOv2), ``pr`` (precision/recall on Inception features; needs reference features
 or images, see below), ``fd_fmnist`` (the demo's classifier; no weights needed).
+Video runs: ``fvd`` (I3D Kinetics-400 logits of the first 16 frames, the FVD reference's
+network; ``--i3d_weights`` is the TF-Hub ``i3d-kinetics-400`` SavedModel directory),
+``fid`` and ``fdd`` over every frame of every clip, ``fvd_fmnist`` (the video demo's
+classifier); samples are decoded by the video autoencoder first.
 
 Outputs under ``<workdir>/eval/``: ``results.csv`` and ``results.md`` (one row per
 point: step, settings, NFE, metrics, generation and feature-extraction images/s,
 seconds), TensorBoard scalars, and optionally ``samples_step<N>_<point>_n<M>.npz``
-(ADM format, ``--save_npz``) and ``samples_step<N>_<point>.png`` (``--save_png=K``).
+(ADM format, ``--save_npz``; ``arr_0`` holds clips for video runs) and
+``samples_step<N>_<point>.png`` (``--save_png=K``; a ``.gif`` of grids for video runs).
 Running the same command again skips the points already in ``results.csv`` for
 the same checkpoint step, number of samples, seed and metrics (the points the trainer's
 own evaluations scored included).
@@ -41,8 +47,10 @@ written by this command from a dataset::
         --config.data.resolution=512 [--reference_split=train] [--num_samples=N]
 
 which holds ``mu``/``sigma``/``num_samples`` (FID), ``fdd_mu``/``fdd_sigma``/
-``fdd_num_samples`` (FDD) and ``pr_features`` (``--pr_reference_samples``
-Inception features), so ``--reference=in512_ref.npz`` serves all three.
+``fdd_num_samples`` (FDD), ``fvd_mu``/... (FVD) and ``pr_features``
+(``--pr_reference_samples`` Inception features), so ``--reference=in512_ref.npz``
+serves them all. Video configs read their centre clips (Kinetics, a video folder), or
+decode a latent dataset with ``config.autoencoder``.
 
 An official DFM-SiT checkpoint of the authors' PyTorch reimplementation (a ``.pt``
 training checkpoint with "model" and "ema" state dicts) is evaluated with ``--init``
@@ -84,9 +92,12 @@ _NUM_SAMPLES = flags.DEFINE_integer(
     "num_samples", None, "Samples per sweep point / reference images (all) / demo (500)."
 )
 _SWEEP = flags.DEFINE_string("sweep", None, "Sweep spec, e.g. 'cfg=1.0,1.5;tau=0.9;steps=30+10'.")
-_METRICS = flags.DEFINE_list("metrics", None, "Comma-separated: fid,fdd,is,pr,fd_fmnist.")
+_METRICS = flags.DEFINE_list(
+    "metrics", None, "Comma-separated: fid,fdd,is,pr,fd_fmnist; video: fvd,fid,fdd,fvd_fmnist."
+)
 _INCEPTION = flags.DEFINE_string("inception_weights", None, "pytorch-fid Inception weights.")
 _DINOV2 = flags.DEFINE_string("dinov2_weights", None, "DINOv2 weights (file or HF directory).")
+_I3D = flags.DEFINE_string("i3d_weights", None, "TF-Hub i3d-kinetics-400 SavedModel dir (fvd).")
 _REFERENCE = flags.DEFINE_string("reference", None, "Reference .npz (ADM batch or ours).")
 _FDD_REFERENCE = flags.DEFINE_string(
     "fdd_reference", None, "DINOv2 reference .npz (default: the fdd_* keys of --reference)."
@@ -96,7 +107,9 @@ _SEED = flags.DEFINE_integer("seed", None, "Labels and noise seed (default: conf
 _IS_SPLITS = flags.DEFINE_integer("is_splits", None, "Inception Score splits (10).")
 # How to run.
 _SAVE_NPZ = flags.DEFINE_bool("save_npz", False, "Save each point's samples as an ADM .npz.")
-_SAVE_PNG = flags.DEFINE_integer("save_png", 0, "Save each point's first N samples as a PNG.")
+_SAVE_PNG = flags.DEFINE_integer(
+    "save_png", 0, "Save each point's first N samples as a PNG grid (clips: an animated GIF)."
+)
 _COMPUTE_REFERENCE = flags.DEFINE_string(
     "compute_reference", None, "Write reference statistics of config.data to this .npz."
 )
@@ -107,7 +120,9 @@ _PR_REFERENCE_SAMPLES = flags.DEFINE_integer(
     "pr_reference_samples", 10_000, "Reference features kept for precision/recall."
 )
 _DEMO_REPORT = flags.DEFINE_bool(
-    "demo_report", False, "FD-FMNIST of the samples vs train images and noise (the demo)."
+    "demo_report",
+    False,
+    "FD-FMNIST (video: FVD-FMNIST) of the samples vs real data and noise (the demos).",
 )
 _INIT = flags.DEFINE_string(
     "init",
@@ -129,6 +144,7 @@ _OVERRIDES = (
     (_METRICS, "metrics"),
     (_INCEPTION, "inception_weights"),
     (_DINOV2, "dinov2_weights"),
+    (_I3D, "i3d_weights"),
     (_REFERENCE, "reference"),
     (_FDD_REFERENCE, "fdd_reference"),
     (_BATCH_SIZE, "batch_size"),
@@ -193,13 +209,14 @@ def _compute_reference(settings) -> None:
     with_reference = [m for m in metric_names if m in references.REFERENCE_METRICS]
     references.check_files(
         with_reference,
-        weights={"inception": _INCEPTION.value, "dinov2": _DINOV2.value},
+        weights={"inception": _INCEPTION.value, "dinov2": _DINOV2.value, "i3d": _I3D.value},
         need_reference=False,
     )
     extractors = evaluators.build_extractors(
         with_reference,
         inception_weights=_INCEPTION.value or "",
         dinov2_weights=_DINOV2.value or "",
+        i3d_weights=_I3D.value or "",
     )
     counts = references.compute_reference(
         settings,

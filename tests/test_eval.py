@@ -602,8 +602,8 @@ def test_fd_fmnist_metric_and_demo_report(tiny, capsys):
 
 def test_feature_extractor_rejects_wrong_inputs(tiny):
     extractor = tiny[2]["inception"]
-    with pytest.raises(ValueError, match="video evaluation"):
-        extractor.check_input((4, 8, 8, 3))
+    with pytest.raises(ValueError, match=r"take images \(H, W, C\).*video metrics are fvd"):
+        extractor.check_input((4, 8, 8, 3))  # not per_frame: clips refused
     with pytest.raises(ValueError, match="latent configs need a decode"):
         extractor.check_input((8, 8, 16))
 

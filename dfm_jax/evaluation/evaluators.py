@@ -35,8 +35,11 @@ from dfm_jax.evaluation.features import (
     METRIC_COLUMNS,
     FeatureExtractor,
     check_metrics_input,
+    check_sample_kind,
     dinov2_extractor,
     fd_fmnist_extractor,
+    fvd_fmnist_extractor,
+    i3d_extractor,
     inception_extractor,
     needed_extractors,
 )
@@ -53,12 +56,33 @@ def load_fd_fmnist(data: config_lib.DataSettings, cache_dir: str | None = None):
     return fd_fmnist.FdFmnist.load_or_train(cache_dir=cache_dir, data_dir=data_dir or None)
 
 
+def load_fvd_fmnist(data: config_lib.DataSettings, cache_dir: str | None = None):
+    """The cached FVD-FMNIST video classifier for the run's clip shape (trained on first
+    use, minutes on a CPU)."""
+    from dfm_jax.evaluation import fvd_fmnist
+
+    if not data.frames:
+        raise ValueError(
+            "the fvd_fmnist metric takes clips, but this run's data are images "
+            "(data.frames=0); the image demo's metric is fd_fmnist"
+        )
+    data_dir = data.dir if data.source in ("fashion_mnist", "moving_fashion_mnist") else ""
+    settings = fvd_fmnist.TrainingSettings(
+        frames=data.frames, resolution=data.resolution or fvd_fmnist.RESOLUTION
+    )
+    return fvd_fmnist.FvdFmnist.load_or_train(
+        cache_dir=cache_dir, data_dir=data_dir or None, settings=settings
+    )
+
+
 def build_extractors(
     metric_names,
     *,
     inception_weights: str = "",
     dinov2_weights: str = "",
+    i3d_weights: str = "",
     fd_fmnist=None,
+    fvd_fmnist=None,
     injected: Mapping[str, FeatureExtractor] | None = None,
 ) -> dict[str, FeatureExtractor]:
     """The extractors ``metric_names`` need: ``injected`` ones, else loaded from files."""
@@ -70,6 +94,10 @@ def build_extractors(
             out[name] = inception_extractor(inception_weights)
         elif name == "dinov2":
             out[name] = dinov2_extractor(dinov2_weights)
+        elif name == "i3d":
+            out[name] = i3d_extractor(i3d_weights)
+        elif name == "fvd_fmnist":
+            out[name] = fvd_fmnist_extractor(fvd_fmnist)
         else:
             out[name] = fd_fmnist_extractor(fd_fmnist)
     return out
@@ -82,7 +110,11 @@ def check_files(
     needs that is unset or missing (``extractors`` given ready-made need no weights)."""
     references.check_files(
         parse_metrics(settings.metrics),
-        weights={"inception": settings.inception_weights, "dinov2": settings.dinov2_weights},
+        weights={
+            "inception": settings.inception_weights,
+            "dinov2": settings.dinov2_weights,
+            "i3d": settings.i3d_weights,
+        },
         reference=settings.reference,
         fdd_reference=settings.fdd_reference,
         injected=list(extractors or {}),
@@ -114,6 +146,8 @@ class Evaluator:
         used instead of loading weight files.
       fd_fmnist: a ``fd_fmnist.FdFmnist`` (default: the cached one, trained on first use).
       fd_fmnist_cache: its cache directory.
+      fvd_fmnist: a ``fvd_fmnist.FvdFmnist`` (default: the cached one for the run's clip
+        shape, trained on first use; cached in ``fd_fmnist_cache`` too).
       decode: model space -> pixels in [-1, 1], jit-compatible. Default: the decoder of
         ``config.autoencoder`` for latent configs (its weights are then required), the
         identity for pixel configs.
@@ -131,6 +165,7 @@ class Evaluator:
         extractors: Mapping[str, FeatureExtractor] | None = None,
         fd_fmnist=None,
         fd_fmnist_cache: str | None = None,
+        fvd_fmnist=None,
         decode=None,
         init: str = "",
     ):
@@ -149,16 +184,21 @@ class Evaluator:
             decode = decoding.FunctionDecoder(decode)
         if "fd_fmnist" in self.metric_names and fd_fmnist is None:
             fd_fmnist = load_fd_fmnist(run.data, fd_fmnist_cache)
+        if "fvd_fmnist" in self.metric_names and fvd_fmnist is None:
+            fvd_fmnist = load_fvd_fmnist(run.data, fd_fmnist_cache)
         networks = build_extractors(
             self.metric_names,
             inception_weights=settings.inception_weights,
             dinov2_weights=settings.dinov2_weights,
+            i3d_weights=settings.i3d_weights,
             fd_fmnist=fd_fmnist,
+            fvd_fmnist=fvd_fmnist,
             injected=extractors,
         )
         features = FeatureFunction(networks, needed_extractors(self.metric_names), setup.mesh)
         example = jax.ShapeDtypeStruct((1, *setup.example_shape), np.float32)
         image_shape = tuple(jax.eval_shape(decode, example).shape[1:])
+        check_sample_kind(self.metric_names, image_shape)
         features.check_input(image_shape)
         self.context = point_lib.PointContext(
             setup=setup,
@@ -172,6 +212,7 @@ class Evaluator:
                 reference=settings.reference,
                 fdd_reference=settings.fdd_reference,
                 fd_fmnist=fd_fmnist,
+                fvd_fmnist=fvd_fmnist,
                 batch_size=self.batch_size,
             ),
             labels=point_lib.class_balanced_labels(

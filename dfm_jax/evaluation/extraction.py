@@ -1,9 +1,10 @@
 """Running feature extractors on the mesh: global batches in, process-local rows out.
 
 ``FeatureFunction`` jits every needed extractor into one program that takes a
-batch-sharded uint8 image batch and its sample ids and returns batch-sharded
+batch-sharded uint8 image (or clip) batch and its sample ids and returns batch-sharded
 features (plus the ids, under ``scores.IDS_KEY``), so that ``scores.local_rows``
-can pair every feature row with its sample on the process that holds it.
+can pair every feature row with its sample on the process that holds it. Image
+networks on clips give ``(B, T, D)`` (one row per frame, see ``features``).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class FeatureFunction:
             x = viz.from_uint8(images)
             out = {IDS_KEY: ids}
             for name, extractor in self.extractors.items():
-                result = extractor.apply(params[name], x)
+                result = extractor.features(params[name], x)
                 for output in self.needed[name]:
                     out[f"{name}/{output}"] = result[output].astype(jnp.float32)
             return out

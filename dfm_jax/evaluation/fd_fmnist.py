@@ -19,11 +19,8 @@ demo prints next to the model's score so the number means something.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import os
 
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,9 +28,8 @@ import optax
 from absl import logging
 
 from dfm_jax.data.fashion_mnist import FashionMnistSource
-from dfm_jax.evaluation import metrics
+from dfm_jax.evaluation import classifier_cache, metrics
 from dfm_jax.models.classifier import SmallConvNet
-from dfm_jax.utils import files
 
 RESOLUTION = 32
 MIN_TEST_ACCURACY = 0.90
@@ -114,21 +110,9 @@ def train_classifier(
     return params
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _apply(model: SmallConvNet, params, images):
-    """The classifier, compiled once per architecture and batch shape."""
-    return model.apply(params, images)
-
-
 def _batched_apply(model: SmallConvNet, params, images: np.ndarray, batch_size: int = 1000):
     """Logits and features of all images, computed in batches on one device."""
-    apply = functools.partial(_apply, model)
-    logits, features = [], []
-    for start in range(0, len(images), batch_size):
-        out_logits, out_features = apply(params, jnp.asarray(images[start : start + batch_size]))
-        logits.append(np.asarray(out_logits))
-        features.append(np.asarray(out_features))
-    return np.concatenate(logits), np.concatenate(features)
+    return classifier_cache.batched_apply(model, params, images, batch_size)
 
 
 def accuracy(model: SmallConvNet, params, images: np.ndarray, labels: np.ndarray) -> float:
@@ -210,25 +194,17 @@ class FdFmnist:
         return result
 
     def _save(self, stem: str) -> None:
-        os.makedirs(os.path.dirname(stem), exist_ok=True)
-        files.atomic_write_bytes(stem + ".msgpack", flax.serialization.to_bytes(self.params))
-        self.reference.to_npz(stem + "_test_stats.npz")
         record = {
             "test_accuracy": self.test_accuracy,
             "settings": dataclasses.asdict(self.settings),
             "cache_version": CACHE_VERSION,
         }
-        # The JSON record is written last: its presence marks a complete cache entry.
-        files.atomic_write_bytes(stem + ".json", json.dumps(record, indent=2).encode())
+        classifier_cache.save_entry(stem, self.params, self.reference, record)
 
     @classmethod
     def _load(cls, stem: str, settings: TrainingSettings) -> FdFmnist:
-        with open(stem + ".json") as f:
-            record = json.load(f)
         template = settings.model().init(
             jax.random.key(0), jnp.zeros((1, RESOLUTION, RESOLUTION, 1))
         )
-        with open(stem + ".msgpack", "rb") as f:
-            params = flax.serialization.from_bytes(template, f.read())
-        reference = metrics.RunningStatistics.from_npz(stem + "_test_stats.npz")
+        params, reference, record = classifier_cache.load_entry(stem, template)
         return cls(settings, params, float(record["test_accuracy"]), reference)

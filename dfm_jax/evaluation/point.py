@@ -94,16 +94,18 @@ def make_score_factory(
     fdd_reference,
     fd_fmnist,
     batch_size,
+    fvd_fmnist=None,
 ):
     """Loads every reference once; returns a function making fresh accumulators."""
     loaded = {}
     for name in metric_names:
         metric = METRICS[name]
         dim = extractors[metric.extractor].outputs[metric.output]
-        if name in ("fid", "fdd"):
+        if name in ("fid", "fdd", "fvd"):
             loaded[name] = references.load_frechet_reference(name, dim, reference, fdd_reference)
-        elif name == "fd_fmnist":
-            loaded[name] = (fd_fmnist.reference.mean, fd_fmnist.reference.covariance)
+        elif name in ("fd_fmnist", "fvd_fmnist"):
+            demo = fd_fmnist if name == "fd_fmnist" else fvd_fmnist
+            loaded[name] = (demo.reference.mean, demo.reference.covariance)
         elif name == "pr":
             ref = references.load_pr_reference(reference, dim)
             if ref.dtype == np.uint8:
@@ -141,11 +143,12 @@ def make_sampler(ctx: PointContext, point: SweepPoint) -> setup_lib.MeshBound:
 
 
 class _SampleFiles:
-    """The optional ADM ``.npz`` of all samples and PNG grid of the first ones (process 0)."""
+    """The optional ADM ``.npz`` of all samples (``arr_0`` holds clips for video runs) and
+    the sheet of the first ones: a PNG grid, or for clips a GIF of grids (process 0)."""
 
     def __init__(self, ctx: PointContext, name: str, step: int, save_npz: bool, save_png: int):
         self.ctx, self.save_npz, self.save_png = ctx, save_npz, save_png
-        self.png_path = os.path.join(ctx.eval_dir, f"samples_step{step}_{name}.png")
+        self.sheet_stem = os.path.join(ctx.eval_dir, f"samples_step{step}_{name}")
         self.main = jax.process_index() == 0
         self.npz = None
         if save_npz and self.main:
@@ -167,7 +170,7 @@ class _SampleFiles:
             self.npz.close()
             logging.info("Saved %d samples to %s", len(self.ctx.labels), self.npz.path)
         if self.save_png and self.main:
-            results.save_png_grid(self.png_path, np.concatenate(self.kept)[: self.save_png])
+            results.save_sample_sheet(self.sheet_stem, np.concatenate(self.kept)[: self.save_png])
 
     def abort(self) -> None:
         if self.npz is not None:

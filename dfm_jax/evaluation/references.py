@@ -8,10 +8,13 @@ metric     keys                                     notes
 fid        ``mu`` (2048,), ``sigma``, ``num_samples``  ADM reference batches have these too
 fdd        ``fdd_mu`` (D,), ``fdd_sigma``,           or ``mu``/``sigma`` of a separate file
            ``fdd_num_samples``                      given as ``--fdd_reference``
+fvd        ``fvd_mu`` (400,), ``fvd_sigma``,         I3D of clips (video runs; fid and fdd
+           ``fvd_num_samples``                      are then per frame)
 pr         ``pr_features`` (M, 2048) float32        or ADM's ``arr_0`` reference images,
                                                     whose Inception features are computed
 is         (none)                                    no reference
 fd_fmnist  (none)                                    the FD-FMNIST cache's test statistics
+fvd_fmnist (none)                                    the FVD-FMNIST cache's test-clip statistics
 =========  =======================================  =========================================
 
 ``compute_reference`` writes such a file from a dataset (``config.data``), so
@@ -23,7 +26,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -35,11 +39,15 @@ from dfm_jax import data, parallel
 from dfm_jax.evaluation import metrics
 from dfm_jax.evaluation.extraction import FeatureFunction
 from dfm_jax.evaluation.features import METRICS, FeatureExtractor, needed_extractors
-from dfm_jax.evaluation.scores import allgather_rows
+from dfm_jax.evaluation.scores import allgather_rows, frame_rows
 from dfm_jax.utils import files, viz
 
-REFERENCE_METRICS = ("fid", "fdd", "pr")
-_WEIGHT_FLAGS = {"inception": "--inception_weights", "dinov2": "--dinov2_weights"}
+REFERENCE_METRICS = ("fid", "fdd", "fvd", "pr")
+_WEIGHT_FLAGS = {
+    "inception": "--inception_weights",
+    "dinov2": "--dinov2_weights",
+    "i3d": "--i3d_weights",
+}
 
 
 def _weights_help(extractor: str) -> str:
@@ -47,6 +55,10 @@ def _weights_help(extractor: str) -> str:
         from dfm_jax.weights import inception
 
         return f"pytorch-fid's FID Inception weights, {inception.WEIGHTS_URL}"
+    if extractor == "i3d":
+        from dfm_jax.weights import i3d
+
+        return f"the I3D SavedModel directory of {i3d.HUB_HANDLE} (or {i3d.KAGGLE_MODEL})"
     from dfm_jax.weights import dinov2
 
     return f"DINOv2 weights, e.g. ViT-L/14 {dinov2.OFFICIAL_URL} (or {dinov2.HF_URL})"
@@ -114,22 +126,24 @@ def _check_dim(name: str, mu: np.ndarray, dim: int, path: str) -> None:
 def load_frechet_reference(
     name: str, dim: int, reference: str | None, fdd_reference: str | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(mu, sigma)`` of metric ``name`` ("fid" or "fdd"), checked against ``dim``."""
+    """``(mu, sigma)`` of metric ``name`` ("fid", "fdd" or "fvd"), checked against ``dim``."""
     if name == "fid":
         mu, sigma = metrics.load_reference_statistics(reference)
         _check_dim(name, mu, dim, reference)
         return mu, sigma
-    path = fdd_reference or reference
+    path = (fdd_reference if name == "fdd" else None) or reference
     keys = _npz_keys(path)
-    if "fdd_mu" in keys:
-        mu, sigma = metrics.load_reference_statistics(path, ("fdd_mu", "fdd_sigma"))
-    elif fdd_reference:
+    if f"{name}_mu" in keys:
+        mu, sigma = metrics.load_reference_statistics(path, (f"{name}_mu", f"{name}_sigma"))
+    elif name == "fdd" and fdd_reference:
         mu, sigma = metrics.load_reference_statistics(path)
     else:
+        network = {"fdd": "DINOv2", "fvd": "I3D"}[name]
+        separate = "pass --fdd_reference with DINOv2 mu/sigma, or " if name == "fdd" else ""
         raise ValueError(
-            f"{path} has no DINOv2 statistics ('fdd_mu'/'fdd_sigma'; keys: {sorted(keys)}); pass "
-            "--fdd_reference with DINOv2 mu/sigma, or a --reference written by "
-            "--compute_reference with fdd in --metrics"
+            f"{path} has no {network} statistics ('{name}_mu'/'{name}_sigma'; keys: "
+            f"{sorted(keys)}); {separate}pass a --reference written by --compute_reference "
+            f"with {name} in --metrics"
         )
     _check_dim(name, mu, dim, path)
     return mu, sigma
@@ -197,7 +211,9 @@ def compute_reference(
     """Reference statistics of a dataset split, written to ``output`` (keys above).
 
     Reads ``config.data`` (with ``split`` if given) through ``data.make_source`` in a
-    seeded shuffled order, images quantised to uint8 as samples are.
+    seeded shuffled order, images quantised to uint8 as samples are. Video sources give
+    their centre clips (unless ``data.clip`` says otherwise); a latent dataset is decoded
+    with ``config.autoencoder`` first (its weights are then required).
 
     Args:
       settings: the experiment's settings (``data``, ``mesh``, ``seed``, ``batch_size``).
@@ -215,8 +231,8 @@ def compute_reference(
       Metric -> number of images its reference covers.
     """
     names = _reference_metrics(metric_names)
-    source = _pixel_source(settings.data, split)
     mesh = mesh or parallel.create_mesh(settings.mesh.as_dict())
+    source, decode = _pixel_source(settings, split, mesh)
     batch_size = int(batch_size or settings.batch_size)
     dp = parallel.data_parallel_size(mesh)
     if batch_size % dp:
@@ -224,10 +240,13 @@ def compute_reference(
             f"batch size {batch_size} is not divisible by the {dp} data-parallel devices"
         )
     function = FeatureFunction(extractors, needed_extractors(names), mesh)
-    function.check_input(tuple(source.example_shape))
+    example = jax.ShapeDtypeStruct((1, *source.example_shape), np.float32)
+    pixel_shape = tuple(jax.eval_shape(decode, example).shape[1:])
+    function.check_input(pixel_shape)
     dims = {m: extractors[METRICS[m].extractor].outputs[METRICS[m].output] for m in names}
     reference = _ReferenceAccumulator(names, dims, pr_samples)
-    for blocks in _feature_blocks(function, source, batch_size, settings.seed, num_samples):
+    pixels = _Pixels(source, decode, pixel_shape)
+    for blocks in _feature_blocks(function, pixels, batch_size, settings.seed, num_samples):
         reference.update(blocks)
     arrays, counts = reference.result()
     if jax.process_index() == 0:
@@ -251,33 +270,50 @@ def _reference_metrics(metric_names: Sequence[str]) -> list[str]:
     return names
 
 
-def _pixel_source(settings: config_lib.DataSettings, split: str | None) -> data.Source:
-    """The source of the data settings (``split`` if given); it must hold pixel images."""
-    source = data.make_source(dataclasses.replace(settings, split=split or settings.split))
-    if isinstance(source, data.ArrayRecordLatentSource):
-        raise ValueError(
-            "reference statistics are computed on pixels, but config.data is a latent dataset "
-            "(array_record); decoding latents needs the autoencoder: point config.data at the "
-            "pixel images (image_folder / tfds) instead"
-        )
-    return source
+def _pixel_source(
+    settings: config_lib.Settings, split: str | None, mesh: jax.sharding.Mesh
+) -> tuple[data.Source, Callable[[np.ndarray], np.ndarray]]:
+    """The source of the data settings (``split`` if given; video sources' centre clips)
+    and the (traceable) function from its examples to pixels in [-1, 1]: the identity,
+    or the autoencoder's decoder for a latent dataset."""
+    fields = settings.data
+    fields = dataclasses.replace(fields, split=split or fields.split, clip=fields.clip or "center")
+    source = data.make_source(fields)
+    if not isinstance(source, data.ArrayRecordLatentSource):
+        return source, lambda examples: examples
+    from dfm_jax.training import decoding
+
+    decoding.check_matches_dataset(settings.autoencoder, source)
+    codec = decoding.load_codec(settings.autoencoder, mesh, required=True)
+    return source, codec.decode
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pixels:
+    """A source, the function from its examples to pixels, and the pixels' shape."""
+
+    source: data.Source
+    decode: Callable[[Any], Any]
+    shape: tuple[int, ...]
 
 
 def _feature_blocks(
     function: FeatureFunction,
-    source: data.Source,
+    pixels: _Pixels,
     batch_size: int,
     seed: int,
     num_samples: int | None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """This process's feature rows (``{"<extractor>/<output>": (n, D)}``) of each batch.
+    """This process's feature rows (``{"<extractor>/<output>": (n, D)}``) of each batch
+    of ``pixels.source`` (examples turned into pixels by ``pixels.decode``).
 
-    Every process reads its shard of ``source`` (seeded shuffle) and takes its share
+    Every process reads its shard of the source (seeded shuffle) and takes its share
     of the ``num_samples`` images (default: all, up to a multiple of the process
     count); each local batch is padded to ``batch_size / process_count`` rows (id -1)
     and the processes run the same number of global batches.
     """
     processes, process = jax.process_count(), jax.process_index()
+    source = pixels.source
     per_process = len(source) // processes
     total = min(int(num_samples or per_process * processes), per_process * processes)
     limit = total // processes + (process < total % processes)
@@ -295,9 +331,10 @@ def _feature_blocks(
     iterator = iter(dataset)
     seen = 0
     for _ in tqdm(range(num_batches), desc="reference", unit="batch", disable=process != 0):
-        images = np.zeros((0, *source.example_shape), np.uint8)
+        images = np.zeros((0, *pixels.shape), np.uint8)
         if limit - seen > 0:
-            images = viz.to_uint8(next(iterator)["image"][: min(local_batch, limit - seen)])
+            examples = next(iterator)["image"][: min(local_batch, limit - seen)]
+            images = np.asarray(viz.to_uint8(pixels.decode(examples)))
         host = parallel.pad_batch({"image": images}, local_batch, first_id=seen)
         seen += len(images)
         batch = parallel.make_global_batch(host, function.mesh, parallel.BATCH_AXES)
@@ -320,9 +357,9 @@ class _ReferenceAccumulator:
     def update(self, blocks: Mapping[str, np.ndarray]) -> None:
         for name, stats in self.stats.items():
             metric = METRICS[name]
-            stats.update(blocks[f"{metric.extractor}/{metric.output}"])
+            stats.update(frame_rows(blocks[f"{metric.extractor}/{metric.output}"]))
         if "pr" in self.names and sum(len(r) for r in self.pr_rows) < self.pr_limit:
-            self.pr_rows.append(blocks["inception/pool3"])
+            self.pr_rows.append(frame_rows(blocks["inception/pool3"]))
 
     def result(self) -> tuple[dict[str, np.ndarray], dict[str, int]]:
         """``(arrays of the .npz, metric -> images covered)``; a collective over processes."""

@@ -62,6 +62,7 @@ _HEADERS = {
     "fid": "FID",
     "fdd": "FDD",
     "fd_fmnist": "FD-FMNIST",
+    "fvd_fmnist": "FVD-FMNIST",
 }
 
 
@@ -184,13 +185,25 @@ class AdmNpzWriter:
         self._target.discard()
 
 
-def save_png_grid(path: str | os.PathLike, images: np.ndarray, columns: int | None = None) -> None:
-    """Writes uint8 ``(N, H, W, C)`` images as one PNG grid (``columns`` default sqrt N)."""
-    images = np.asarray(images, np.uint8)
+def save_sample_sheet(stem: str | os.PathLike, samples: np.ndarray, columns: int | None = None):
+    """Writes uint8 images ``(N, H, W, C)`` as one PNG grid ``<stem>.png``, or clips
+    ``(N, T, H, W, C)`` as an animated GIF of such grids ``<stem>.gif`` (frame t shows
+    frame t of every clip); ``columns`` default sqrt N. Returns the path written."""
+    samples = np.asarray(samples, np.uint8)
     if columns is None:
-        columns = max(1, int(np.ceil(np.sqrt(len(images)))))
-    grid = viz.image_grid(viz.from_uint8(images), columns=columns)
+        columns = max(1, int(np.ceil(np.sqrt(len(samples)))))
+    if samples.ndim == 5:
+        frames = [
+            viz.image_grid(viz.from_uint8(samples[:, t]), columns=columns)
+            for t in range(samples.shape[1])
+        ]
+        path = f"{os.fspath(stem)}.gif"
+        viz.save_gif(path, np.stack(frames))
+        return path
+    grid = viz.image_grid(viz.from_uint8(samples), columns=columns)
+    path = f"{os.fspath(stem)}.png"
     files.atomic_write_bytes(path, viz.png_bytes(grid))
+    return path
 
 
 def summary_table(rows: Iterable[Mapping[str, Any]]) -> str:

@@ -155,6 +155,8 @@ class SweepOptions:
       fd_fmnist: a ``dfm_jax.evaluation.fd_fmnist.FdFmnist`` for the fd_fmnist metric
         (default: the one cached in ``fd_fmnist_cache``, trained on first use).
       fd_fmnist_cache: its cache directory (default ``fd_fmnist.default_cache_dir()``).
+      fvd_fmnist: a ``dfm_jax.evaluation.fvd_fmnist.FvdFmnist`` for the fvd_fmnist metric
+        (default: the one cached in ``fd_fmnist_cache`` for the run's clip shape).
       decode: ``model space -> pixels in [-1, 1]``, jit-compatible (``Evaluator``).
       mesh: replaces the mesh of ``config.mesh``.
       print_summary: print the Markdown table of this run's rows at the end.
@@ -171,6 +173,7 @@ class SweepOptions:
     extractors: Mapping[str, FeatureExtractor] | None = None
     fd_fmnist: Any = None
     fd_fmnist_cache: str | None = None
+    fvd_fmnist: Any = None
     decode: Any = None
     mesh: jax.sharding.Mesh | None = None
     print_summary: bool = True
@@ -217,6 +220,7 @@ def run_sweep(
             extractors=o.extractors,
             fd_fmnist=o.fd_fmnist,
             fd_fmnist_cache=o.fd_fmnist_cache,
+            fvd_fmnist=o.fvd_fmnist,
             decode=o.decode,
             init=base["init"],
         )

@@ -7,7 +7,8 @@ its global sample id, padding rows dropped) and feeds them to the accumulators.
 and every process gets the same numbers.
 
 * ``FrechetScore``: ``metrics.RunningStatistics`` (float64, streaming) against
-  reference ``mu``/``sigma`` -> FID, FDD or FD-FMNIST.
+  reference ``mu``/``sigma`` -> FID, FDD, FVD, FD-FMNIST or FVD-FMNIST (per-frame
+  features of clips count every frame, ``frame_rows``).
 * ``InceptionScoreStream``: the Inception Score of ``metrics.inception_score`` (the
   original TF code's contiguous splits over the sample order), accumulated per split
   from ``sum_x p(y|x)`` and ``sum_x sum_y p log p``, so the logits are never kept.
@@ -55,6 +56,13 @@ def local_rows(outputs: dict[str, jax.Array]) -> tuple[np.ndarray, dict[str, np.
     return np.concatenate(ids), {name: np.concatenate(b) for name, b in blocks.items()}
 
 
+def frame_rows(features: np.ndarray) -> np.ndarray:
+    """``(n, D)`` rows of a feature block: per-frame features ``(n, T, D)`` of clips
+    (frame-FID / frame-FDD) give one row per frame, ``(n * T, D)``."""
+    features = np.asarray(features)
+    return features.reshape(-1, features.shape[-1])
+
+
 def allgather_rows(rows: np.ndarray) -> np.ndarray:
     """Concatenates every process's float32 ``(n_p, D)`` rows in process order."""
     rows = np.asarray(rows, np.float32)
@@ -77,7 +85,7 @@ class FrechetScore:
 
     def update(self, ids: np.ndarray, features: np.ndarray) -> None:
         del ids
-        self.stats.update(features)
+        self.stats.update(frame_rows(features))
 
     def result(self) -> dict[str, float]:
         total = metrics.gather_across_processes(self.stats)
@@ -138,7 +146,7 @@ class PrecisionRecallScore:
 
     def update(self, ids: np.ndarray, features: np.ndarray) -> None:
         del ids
-        self.rows.append(np.asarray(features, np.float32))
+        self.rows.append(frame_rows(features).astype(np.float32))
 
     def result(self) -> dict[str, float]:
         dim = self.reference.shape[1]
