@@ -76,10 +76,14 @@ demo: $(RUNTIME_STAMP) fashion-mnist
 DEMO_VIDEO_WORKDIR ?= workdir/demo_video
 demo-video: $(RUNTIME_STAMP) fashion-mnist
 	$(PY) -m dfm_jax.main --config=configs/demo_video.py --workdir=$(DEMO_VIDEO_WORKDIR) $(DEMO_FLAGS)
+	$(PY) -m dfm_jax.eval --config=configs/demo_video.py --workdir=$(DEMO_VIDEO_WORKDIR) \
+	  --demo_report --num_samples=200 $(DEMO_FLAGS)
 	@echo
 	@echo "Video demo finished. Outputs in $(DEMO_VIDEO_WORKDIR):"
 	@echo "  samples/step_*_grid.gif      class-conditional clips (one class per row)"
 	@echo "  samples/step_*_previews.gif  per example: stage-1 preview (16x16), final clip (32x32)"
+	@echo "  eval/results.md              FVD-FMNIST of the samples (lower is better)"
+	@echo "  TensorBoard:                 $(VENV)/bin/tensorboard --logdir $(DEMO_VIDEO_WORKDIR)"
 
 ## bench: DFM vs Flow Matching train-step benchmark (BENCH_CONFIG=configs/demo.py)
 BENCH_CONFIG ?= configs/demo.py

@@ -19,6 +19,15 @@ optimizer), measured in the same process on the same devices:
 The train step is the real one (decomposition, objective, model, AdamW, EMA) on
 a fixed synthetic batch already on the devices, so data loading is excluded.
 Results print as a Markdown table; ``--json`` also writes them to a file.
+
+``--data`` times the input pipeline instead: ``config.data`` through the trainer's
+Grain iterator (``config.batch_size``, ``data.worker_count`` worker processes), the
+first batch (start-up) apart, then ``--steps`` batches: examples (clips) per second;
+for a video source also one clip at a time in this thread (decoding alone)::
+
+    python -m dfm_jax.bench --config=configs/demo_video.py --data \
+        --config.data.source=video_folder --config.data.dir=/data/videos \
+        --config.data.resolution=128 --config.data.frames=16 --config.data.worker_count=2
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per model (>= 20 for rep
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
 _ROUNDS = flags.DEFINE_integer("rounds", 4, "Interleaved timing rounds (FM, DFM, FM, ...).")
 _JSON = flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
+_DATA = flags.DEFINE_bool("data", False, "Time the input pipeline instead of the train step.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -182,8 +192,51 @@ def markdown(results: list[Result], baseline: Result) -> str:
     return "\n".join(rows)
 
 
+def benchmark_data(settings: config_lib.Settings, batches: int) -> dict[str, float]:
+    """Examples/s of ``settings.data`` through the trainer's Grain iterator (the first
+    batch, which starts workers and opens files, timed apart), and for a video source
+    clips/s decoded one at a time in this thread."""
+    source = data.make_source(settings.data)
+    start = time.perf_counter()
+    iterator = data.make_train_iterator(
+        source,
+        global_batch_size=settings.batch_size,
+        seed=settings.seed,
+        worker_count=settings.data.worker_count,
+    )
+    next(iterator)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(iterator)
+    seconds = time.perf_counter() - start
+    local_batch = data.local_batch_size(settings.batch_size, jax.process_count())
+    result = {
+        "first_batch_seconds": first,
+        "examples_per_second": batches * local_batch / seconds,
+        "batch_size": local_batch,
+        "worker_count": settings.data.worker_count,
+    }
+    if hasattr(source, "load"):  # a video source
+        result["single_thread_clips_per_second"] = data.measure_decoding(source, 2 * local_batch)
+    return result
+
+
+def main_data(settings: config_lib.Settings) -> None:
+    result = benchmark_data(settings, _STEPS.value)
+    print(f"\nInput pipeline of {settings.data.source} ({settings.data.dir or 'generated'}):")
+    for name, value in result.items():
+        print(f"  {name}: {value:.2f}" if isinstance(value, float) else f"  {name}: {value}")
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
+            json.dump(result, f, indent=2)
+
+
 def main(argv):
     del argv
+    if _DATA.value:
+        main_data(config_lib.read(_CONFIG.value))
+        return
     if _STEPS.value < 20:
         logging.warning("--steps=%d: reported figures should use at least 20", _STEPS.value)
     config = _CONFIG.value

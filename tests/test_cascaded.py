@@ -153,6 +153,7 @@ CASCADED_TINY = {
 }
 
 
+@pytest.mark.slow  # 23 s; the same trainer path as test_pyramidal.py resume
 def test_trains_checkpoints_and_resumes_bitwise(tmp_path):
     """Two steps straight == step 1 restored from its checkpoint, then step 2."""
     from dfm_jax.training import loop

@@ -66,6 +66,7 @@ def test_demo_config_end_to_end(tmp_path):
     train_utils.assert_grid_holds(grid, samples, columns=2)
 
 
+@pytest.mark.slow  # 21 s; SIGTERM and corrupt-checkpoint resumes stay in make test
 def test_kill9_resumes_from_the_last_complete_checkpoint(tmp_path):
     """SIGKILL mid-run; the next run resumes from the newest complete checkpoint, ends at
     total_steps, and equals an uninterrupted run bitwise."""
