@@ -171,6 +171,7 @@ class PrepareResult:
       steady_images_per_second: the rate after the first batch came back (without model
         loading and compilation); 0 when there was a single batch.
       metadata: the written `LatentMetadata` (process 0; None elsewhere).
+      unit: what a record encodes, "images" or "clips" (the summary's wording).
     """
 
     out: str
@@ -183,23 +184,25 @@ class PrepareResult:
     images_per_second: float
     steady_images_per_second: float
     metadata: latents.LatentMetadata | None
+    unit: str = "images"
 
     def summary(self) -> str:
         """The one-line report the CLI prints."""
+        unit = self.unit
         if self.shards_written == 0:
             line = f"prepare: nothing to encode ({self.shards_kept} shards finished earlier, kept)"
         else:
             line = (
                 f"prepare: {self.records_written} records in {self.shards_written} new shards "
                 f"({self.shards_kept} finished earlier, kept), {self.skipped_images} unreadable "
-                f"images skipped, {self.seconds:.1f} s, {self.images_per_second:.1f} images/s "
-                f"({self.steady_images_per_second:.1f} images/s after the first batch)"
+                f"{unit} skipped, {self.seconds:.1f} s, {self.images_per_second:.3g} {unit}/s "
+                f"({self.steady_images_per_second:.3g} {unit}/s after the first batch)"
             )
         if self.metadata is not None:
             line += (
                 f"; dataset {self.out}: {self.metadata.num_examples} records in "
                 f"{self.num_shards} shards, {self.metadata.extra.get('skipped_images', 0)} "
-                "images skipped in total"
+                f"{unit} skipped in total"
             )
         return line
 
@@ -669,4 +672,5 @@ def _summarise(
         images_per_second=written / seconds if written else 0.0,
         steady_images_per_second=steady,
         metadata=metadata,
+        unit="clips" if options.video else "images",
     )
