@@ -60,7 +60,8 @@ def get_config():
 
     config.model.size = "XL"
     config.model.patch_sizes = (1, 2)
-    config.model.num_heads = 16  # not recorded in the weights; DFM-SiT-XL/2 has 16
+    # DFM-SiT-XL/2 has 16 heads (not recorded in the weights): XL's own, so they are not
+    # set here, and --config.model.size=S gives S's 6 heads, not 16 of head dim 24.
     config.model.positions = "sincos"
     config.model.stage_embedding = False
     config.model.preconditioning = False

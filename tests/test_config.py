@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import importlib.util
 import pathlib
 
@@ -65,3 +66,20 @@ def test_flow_matching_twin_keeps_the_budget():
         assert all(getattr(fm, f) == getattr(dfm, f) for f in same), name
         twin_model = dataclasses.replace(dfm.model, patch_sizes=fm.model.patch_sizes)
         assert fm.model == dataclasses.replace(twin_model, stage_embedding=False), name
+
+
+def test_a_size_override_gives_that_size_s_heads():
+    """--config.model.size=S on the DFM-SiT config is DiT-S (6 heads of 64), not 16 heads
+    of 24 inherited from the file (issue 15's trap)."""
+    config = importlib.import_module("configs.imagenet512_dfm_sit").get_config()
+    assert (
+        config_lib.read(config)
+        .model.architecture(in_channels=4, num_classes=1000, scale_stds=None)
+        .num_heads
+        == 16
+    )
+    config.model.size = "S"
+    architecture = config_lib.read(config).model.architecture(
+        in_channels=4, num_classes=1000, scale_stds=None
+    )
+    assert (architecture.width, architecture.num_heads) == (384, 6)

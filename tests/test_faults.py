@@ -344,10 +344,11 @@ def test_disk_full_during_a_save(tmp_path, monkeypatch, settings, setup, straigh
                 deadline = time.monotonic() + 120  # step 2's asynchronous save is complete
                 while not (checkpoints / "2").exists() and time.monotonic() < deadline:
                     time.sleep(0.01)
-                with open(filler, "wb") as f, contextlib.suppress(OSError):
+                # Unbuffered, and close() inside the suppress: a write that half-fits
+                # must not leave bytes for close() to flush into the full disk.
+                with contextlib.suppress(OSError), open(filler, "wb", buffering=0) as f:
                     while True:
                         f.write(b"\0" * 65536)
-                        f.flush()
             return _MAKE_GLOBAL_BATCH(batch, mesh, axes)
 
         fill_at_step_3.calls = 0
