@@ -21,8 +21,9 @@ Smoke test without data or accelerator (synthetic 5 x 16 x 16 x 16 latents, tiny
     python -m dfm_jax.main --config=configs/kinetics512.py --workdir=/tmp/k512 \
         --config.data.source=synthetic --config.data.resolution=16 \
         --config.pyramid.stds='(1.0, 1.0)' --config.model.size=S --config.model.depth=2 \
-        --config.batch_size=8 --config.total_steps=4 --config.model.dtype=float32 \
-        --config.autoencoder.name=tiny-video
+        --config.batch_size=8 --config.total_steps=4 --config.model.dtype=float32
+
+(sample grids are skipped until ``--config.autoencoder.weights`` names the CogVideoX VAE).
 """
 
 from dfm_jax import config as config_lib

@@ -517,6 +517,15 @@ class Settings:
         self._check_scales()
         if self.pyramid.temporal:
             self._check_temporal()
+        if self.autoencoder.name and self.data.channels is not None:
+            latent = autoencoder.preset_config(self.autoencoder.name).latent_channels
+            _check(
+                self.data.channels == latent,
+                "data.channels",
+                f"is {self.data.channels} but autoencoder {self.autoencoder.name!r} makes "
+                f"{latent}-channel latents; set --config.data.channels={latent} (or another "
+                "autoencoder)",
+            )
         if self.data.source == "array_record":
             _check(
                 bool(self.autoencoder.name),

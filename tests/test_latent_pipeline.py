@@ -127,9 +127,12 @@ def test_autoencoder_must_match_the_dataset(latents):
 
 
 def test_missing_autoencoder_weights_stop_evaluation_but_not_training(latents):
+    # A declared channel count that the autoencoder does not make: refused when read.
+    with pytest.raises(config_lib.ConfigError, match=r"data\.channels: is 4 but .*'flux-ae'"):
+        train_utils.tiny_settings({**LATENT_CONFIG, "autoencoder.name": "flux-ae"})
     # metadata says tiny: checked before any weights
     config = train_utils.tiny_settings(
-        {**LATENT_CONFIG, "data.dir": latents, "autoencoder.name": "flux-ae"}
+        {**LATENT_CONFIG, "data.dir": latents, "autoencoder.name": "flux-ae", "data.channels": None}
     )
     with pytest.raises(ValueError, match="was encoded with 'tiny'"):
         setup_lib.build(config)
