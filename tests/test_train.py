@@ -356,6 +356,7 @@ def test_valid_config_passes():
             {
                 "data.source": "array_record",
                 "data.dir": "/nonexistent/latents",
+                "data.channels": 4,
                 "autoencoder.name": "tiny",
             },
             data.DataNotFoundError,
