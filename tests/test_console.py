@@ -52,6 +52,7 @@ def _main(workdir, overrides: dict | None = None, *flags: str):
     return _run([*train_utils.main_command(workdir, overrides), *flags])
 
 
+@pytest.mark.slow  # 21 s CLI run; test_train_cli runs the demo CLI end to end
 def test_six_step_run_prints_our_lines_once_and_no_library_lines(tmp_path):
     log_file = tmp_path / "logs" / "run.log"
     result = _main(tmp_path / "run", {"total_steps": 6, "log_every": 2}, f"--log_file={log_file}")

@@ -250,6 +250,7 @@ def test_a_stale_lock_is_taken_over_and_another_hosts_is_not(tmp_path):
         workdir_lock.WorkdirLock(str(tmp_path)).acquire()
 
 
+@pytest.mark.slow  # 15 s, two CLI processes; the in-process lock cases stay in make test
 def test_two_trainers_on_one_workdir(tmp_path):
     """Fault: the same command started twice on one workdir. Outcome: the second exits at
     once (status 2) naming the first's pid; the first trains on, stops cleanly on
