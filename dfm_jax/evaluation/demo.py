@@ -24,6 +24,7 @@ import numpy as np
 
 from dfm_jax import config as config_lib
 from dfm_jax import data
+from dfm_jax.evaluation import fvd_fmnist
 from dfm_jax.evaluation.evaluators import load_fd_fmnist, load_fvd_fmnist
 from dfm_jax.evaluation.runner import run_sweep
 from dfm_jax.utils import viz
@@ -110,8 +111,8 @@ def demo_report(
 
 
 def _noise(shape, seed: int) -> np.ndarray:
-    rng = np.random.default_rng([seed, 0x0153])
-    return _quantized(np.clip(rng.standard_normal(shape), -1.0, 1.0))
+    """The noise anchor (``fvd_fmnist.gaussian_noise``, images or clips), quantised."""
+    return _quantized(fvd_fmnist.gaussian_noise(shape, seed))
 
 
 def _image_anchors(settings: config_lib.Settings, fd, num_samples: int, seed: int) -> dict:
@@ -120,8 +121,6 @@ def _image_anchors(settings: config_lib.Settings, fd, num_samples: int, seed: in
 
 
 def _clip_anchors(fvd, num_samples: int, seed: int) -> dict:
-    from dfm_jax.evaluation import fvd_fmnist
-
     real = _quantized(fvd.held_out_clips(num_samples))
     return {
         "real_clips": fvd.distance(real),

@@ -198,7 +198,8 @@ def shuffle_frames(clips: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 def gaussian_noise(shape, seed: int = 0) -> np.ndarray:
-    """Gaussian noise clipped to [-1, 1] (what an untrained model is near), as the image demo."""
+    """Gaussian noise clipped to [-1, 1] (what an untrained model is near): the noise anchor
+    of both demo reports (``dfm_jax.evaluation.demo``)."""
     rng = np.random.default_rng([seed, 0x0153])
     return np.clip(rng.standard_normal(shape), -1.0, 1.0).astype(np.float32)
 
