@@ -27,6 +27,7 @@ Faults (``docs/reliability.md``):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -165,14 +166,18 @@ class Checkpointer:
         step, needed = pending if pending else (None, 0)
         what = f"checkpoint of step {step}" if step is not None else "a checkpoint"
         message = f"could not save {what} to {self.directory}: {error.strerror or error}"
+        kept = [s for s in _step_dirs(self.directory) if s != step]
+        # Many small arrays take up to twice their bytes on disk: the newest checkpoint
+        # written is the better estimate when there is one.
+        if kept:
+            needed = max(needed, _local_size(os.path.join(self.directory, str(kept[-1]))))
         if needed:
-            message += f"; the state needs about {needed / 2**20:.1f} MiB"
+            message += f"; a checkpoint needs about {needed / 2**20:.1f} MiB"
         try:
             free = shutil.disk_usage(self.directory).free
             message += f", {free / 2**20:.1f} MiB are free there"
         except OSError:
             pass
-        kept = [s for s in _step_dirs(self.directory) if s != step]
         message += (
             f". The earlier checkpoints {kept} are intact; free space (or fix the "
             "permissions) and rerun the same command to resume from the newest."
@@ -363,6 +368,18 @@ class _SaveErrors:
 def _nbytes(tree: Any) -> int:
     return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
                if hasattr(x, "shape") and hasattr(x, "dtype"))  # fmt: skip
+
+
+def _local_size(path: str) -> int:
+    """Bytes of the files under a local ``path`` (0 for remote or unreadable paths)."""
+    if "://" in path:
+        return 0
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(os.path.join(root, name))
+    return total
 
 
 def _step_dirs(directory: str) -> list[int]:
