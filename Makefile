@@ -90,7 +90,7 @@ BENCH_CONFIG ?= configs/demo.py
 bench: $(RUNTIME_STAMP)
 	$(PY) -m dfm_jax.bench --config=$(BENCH_CONFIG)
 
-## study: the Fashion-MNIST DFM-vs-FM study (about 2.5 h on 2 CPU cores; resumable)
+## study: the Fashion-MNIST four-method study (DFM, FM, Pyramidal, Cascaded; resumable)
 STUDY_FLAGS ?=
 study: $(RUNTIME_STAMP) fashion-mnist
 	$(PY) experiments/fmnist_dfm_vs_fm.py $(STUDY_FLAGS)

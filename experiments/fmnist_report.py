@@ -1,22 +1,25 @@
-"""Tables, plot and sample grids of the Fashion-MNIST DFM-vs-FM study.
+"""Tables, plot and sample grids of the Fashion-MNIST study (DFM, FM, Pyramidal, Cascaded).
 
-``write_report(runs, root, out_dir, total_steps)`` reads every run's ``eval/results.csv``
-under ``root`` and writes, into ``out_dir``:
+``write_report(runs, root, out_dir)`` reads every run's ``eval/results.csv`` under
+``root`` and writes, into ``out_dir``:
 
-- ``fmnist_study.md``: FD-FMNIST per checkpoint (both methods, each seed and the mean),
-  the compute ratio at which DFM matches Flow Matching's final score, the ablations and
-  the tau sweep; runs not finished yet are listed as missing, never filled in;
-- ``fmnist_fd_vs_steps.png``: FD-FMNIST against training steps, one panel per cfg;
-- ``fmnist_grids.png``: the final EMA sample grids of DFM and FM (seed 0) side by side.
+- ``fmnist_study.md``: FD-FMNIST per checkpoint (every method, each seed and the mean)
+  with its training compute, the compute each method needs to reach Flow Matching's FD
+  (the paper's measure), the ablations and the tau sweep; runs not finished yet are
+  listed as missing, never filled in;
+- ``fmnist_fd_vs_compute.png``: FD-FMNIST against training compute, one panel per cfg;
+- ``fmnist_grids.png``: the final EMA sample grids of the four methods (seed 0).
 
-Compute is counted in analytic training FLOPs (``dit.forward_flops`` x 3 per example),
-so the ratio includes DFM's per-scale-layer overhead.
+Compute is counted in analytic training FLOPs (the method's ``forward_flops`` x 3 per
+example x batch x steps), so the ratios include DFM's per-scale-layer overhead and the
+cheaper low-resolution stages of Pyramidal Flow and Cascaded.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import subprocess
 from collections.abc import Sequence
 
 import numpy as np
@@ -29,11 +32,18 @@ from dfm_jax.training import perf
 from dfm_jax.training import setup as setup_lib
 from dfm_jax.utils import files
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: The file in each run's workdir listing the code versions it was trained/evaluated at.
+VERSIONS = "code_versions.txt"
 NUM_SAMPLES = 500  # FD-FMNIST samples per point (biased upwards at this size; equal for all)
 CFGS = ("1.0", "1.5")
 CURVE_TAU = "0.9"
 REPORT = "fmnist_study.md"
-PLOT = "fmnist_fd_vs_steps.png"
+PLOT = "fmnist_fd_vs_compute.png"
+#: Report names of the variants, in plotting order, and their colours.
+METHODS = {"dfm": "DFM", "fm": "FM", "pyramidal": "Pyramidal", "cascaded": "Cascaded"}
+COLOURS = {"DFM": "tab:blue", "FM": "tab:orange", "Pyramidal": "tab:purple",
+           "Cascaded": "tab:red"}  # fmt: skip
 GRIDS = "fmnist_grids.png"
 
 
@@ -41,11 +51,13 @@ def _rows(root: str, name: str) -> list[dict[str, str]]:
     return results.read_results(os.path.join(root, name, "eval"))
 
 
-def fd_curve(rows, cfg: str, tau: str = CURVE_TAU) -> dict[int, float]:
-    """{step: FD-FMNIST} of the rows at this cfg and tau (the config's 30+10 / 40 steps)."""
+def fd_curve(rows, cfg: str, tau: str | None = CURVE_TAU) -> dict[int, float]:
+    """{step: FD-FMNIST} of the rows at this cfg and tau (``None``: any tau; the methods
+    without a threshold record their config's unused default)."""
     curve = {}
     for row in rows:
-        if row["cfg"] == cfg and row["tau"] in (tau, "") and row["fd_fmnist"]:
+        tau_ok = tau is None or row["tau"] in (tau, "")
+        if row["cfg"] == cfg and tau_ok and row["fd_fmnist"]:
             curve[int(row["step"])] = float(row["fd_fmnist"])
     return dict(sorted(curve.items()))
 
@@ -60,7 +72,8 @@ def mean_curve(curves: Sequence[dict[int, float]]) -> dict[int, float]:
 
 
 def steps_to_reach(curve: dict[int, float], target: float) -> float | None:
-    """First step at which ``curve`` reaches ``target`` (linear between checkpoints)."""
+    """First step at which ``curve`` reaches ``target`` (linear between checkpoints;
+    the first checkpoint when it is already there, None when never)."""
     previous = None
     for step, value in curve.items():
         if value <= target:
@@ -79,6 +92,15 @@ def train_flops_per_example(variant: str) -> float:
     return perf.TRAIN_FLOPS_PER_FORWARD * method.forward_flops()
 
 
+def batch_size(variant: str) -> int:
+    return int(study_fmnist.get_config(variant).batch_size)
+
+
+def tera_flops(variant: str, steps: float, flops: dict[str, float]) -> float:
+    """Training compute of ``steps`` steps of a variant, in TFLOP."""
+    return steps * batch_size(variant) * flops[variant] / 1e12
+
+
 def _fmt(value: float | None, digits: int = 1) -> str:
     return "—" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
@@ -93,15 +115,30 @@ def _curve_table(curves: dict[str, dict[int, float]]) -> list[str]:
     return lines
 
 
-def _plot(panels: dict[str, dict[str, dict[int, float]]], extras, path: str) -> None:
-    """One panel per cfg: the main runs (thin: seeds, thick: mean), ``extras`` dashed."""
+def _method_table(panel: dict[str, dict], flops: dict[str, float], seeds) -> list[str]:
+    """One row per method and checkpoint: steps, training TFLOP, each seed, the mean."""
+    header = "| method | step | training TFLOP | " + " | ".join(f"seed {s}" for s in seeds)
+    lines = [header + " | mean |", "|---" * (len(seeds) + 4) + "|"]
+    for variant, method in METHODS.items():
+        mean = panel.get(f"{method} mean", {})
+        per_seed = [panel.get(f"{method} seed {s}", {}) for s in seeds]
+        for step in sorted({s for c in [mean, *per_seed] for s in c}):
+            cells = [_fmt(c.get(step)) for c in [*per_seed, mean]]
+            compute = tera_flops(variant, step, flops)
+            lines.append(f"| {method} | {step} | {compute:.1f} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _plot(panels: dict[str, dict[str, dict[int, float]]], extras, flops, path: str) -> None:
+    """One panel per cfg against training TFLOP: the main runs (thin: seeds, thick: mean),
+    ``extras`` (DFM ablations) dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    colours = {"DFM": "tab:blue", "FM": "tab:orange"}
+    variants = {method: variant for variant, method in METHODS.items()}
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, (title, curves) in zip(axes[0], panels.items(), strict=True):
         for name, curve in curves.items():
             if not curve:
@@ -109,19 +146,19 @@ def _plot(panels: dict[str, dict[str, dict[int, float]]], extras, path: str) -> 
             method = name.split()[0]
             mean = name.endswith("mean")
             ax.plot(
-                list(curve),
+                [tera_flops(variants[method], s, flops) for s in curve],
                 list(curve.values()),
                 marker="o" if mean else None,
                 linewidth=2.2 if mean else 0.9,
                 alpha=1.0 if mean else 0.45,
-                color=colours.get(method, "gray"),
-                label=name,
+                color=COLOURS.get(method, "gray"),
+                label=name if mean else None,
             )
         for name, curve in extras.get(title, {}).items():
-            ax.plot(list(curve), list(curve.values()), "--", marker="s", color="tab:green",
-                    linewidth=1.6, label=name)  # fmt: skip
-        ax.set_title(title)
-        ax.set_xlabel("training steps (batch 64)")
+            ax.plot([tera_flops("dfm", s, flops) for s in curve], list(curve.values()), "--",
+                    marker="s", color="tab:green", linewidth=1.4, label=name)  # fmt: skip
+        ax.set_title(f"{title} (thin lines: seeds)")
+        ax.set_xlabel("training compute (TFLOP, analytic)")
         ax.set_ylabel(f"FD-FMNIST ({NUM_SAMPLES} samples, lower is better)")
         ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
@@ -132,12 +169,12 @@ def _plot(panels: dict[str, dict[str, dict[int, float]]], extras, path: str) -> 
     plt.close(fig)
 
 
-def _grids(root: str, names: Sequence[tuple[str, str]], step: int, path: str) -> bool:
-    """Pastes the runs' final sample grids side by side with a caption; False if missing."""
+def _grids(root: str, names: Sequence[tuple[str, str, int]], path: str) -> bool:
+    """Pastes the runs' (name, caption, step) sample grids side by side; False if missing."""
     from PIL import Image, ImageDraw
 
     images = []
-    for name, caption in names:
+    for name, caption, step in names:
         grid = os.path.join(root, name, "samples", f"step_{step:08d}_grid.png")
         if not os.path.exists(grid):
             return False
@@ -156,41 +193,123 @@ def _grids(root: str, names: Sequence[tuple[str, str]], step: int, path: str) ->
     return True
 
 
-def write_report(runs, root: str, out_dir: str, total_steps: int) -> str:
-    """Writes the report files into ``out_dir``; returns the Markdown file's path."""
-    os.makedirs(out_dir, exist_ok=True)
-    rows = {run.name: _rows(root, run.name) for run in runs}
-    main = [run for run in runs if run.curve and not run.overrides]
-    flops = {v: train_flops_per_example(v) for v in ("dfm", "fm")}
-    lines = [
-        "# Fashion-MNIST study: DFM vs Flow Matching (generated)",
-        "",
-        "Written by `experiments/fmnist_dfm_vs_fm.py`; do not edit by hand. FD-FMNIST on "
-        f"{NUM_SAMPLES} EMA samples per point (class-balanced, fixed noise), 40 network "
-        "evaluations (DFM 30 + 10 with tau 0.9, FM 40), Euler. Training FLOPs per example: DFM "
-        f"{flops['dfm'] / 1e6:.1f} M, FM {flops['fm'] / 1e6:.1f} M "
-        f"(ratio {flops['dfm'] / flops['fm']:.4f}).",
-        "",
-    ]
-    missing = [run.name for run in runs if not rows[run.name]]
-    if missing:
-        lines += [f"Runs without results yet: {', '.join(missing)}.", ""]
+def code_version(repo: str = REPO) -> str:
+    """``git`` commit of ``repo`` (with "+changes" when tracked files differ), or "unknown"."""
+
+    def git(*args: str) -> str:
+        result = subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True)
+        return result.stdout.strip() if result.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short=10", "HEAD")
+    if not commit:
+        return "unknown"
+    return commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def read_versions(workdir: str) -> list[str]:
+    """The code versions a run was trained and evaluated at (its ``VERSIONS`` file)."""
+    path = os.path.join(workdir, VERSIONS)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return sorted({line.strip() for line in f if line.strip()})
+
+
+def run_versions(root: str, names: Sequence[str]) -> dict[str, list[str]]:
+    """{run: its code versions} for the runs under ``root`` that record any."""
+    versions = {name: read_versions(os.path.join(root, name)) for name in names}
+    return {name: found for name, found in versions.items() if found}
+
+
+def _panels(main, rows) -> dict[str, dict[str, dict[int, float]]]:
+    """{"cfg 1.0": {"DFM seed 0": {step: FD}, ..., "DFM mean": ..., "FM seed 0": ...}}."""
     panels = {}
     for cfg in CFGS:
         curves = {}
-        for method, variant in (("DFM", "dfm"), ("FM", "fm")):
+        for variant, method in METHODS.items():
+            tau = CURVE_TAU if variant == "dfm" else None
             per_seed = {
-                f"{method} seed {r.seed}": fd_curve(rows[r.name], cfg)
+                f"{method} seed {r.seed}": fd_curve(rows[r.name], cfg, tau)
                 for r in main
                 if r.variant == variant
             }
             curves.update(per_seed)
             curves[f"{method} mean"] = mean_curve(list(per_seed.values()))
         panels[f"cfg {cfg}"] = curves
-        lines += [f"## FD-FMNIST vs training steps, cfg {cfg}", "", *_curve_table(curves), ""]
-    with_results = [r.seed for r in main if r.variant == "dfm" and rows[r.name]]
-    seeds_text = f"mean over seeds {with_results}" if with_results else "no results yet"
-    lines += _compute_ratio_section(panels, flops, total_steps, seeds_text)
+    return panels
+
+
+def _header(flops: dict[str, float], versions: dict[str, list[str]]) -> list[str]:
+    steps = {v: int(study_fmnist.get_config(v).total_steps) for v in METHODS}
+    budget = ", ".join(
+        f"{METHODS[v]} {flops[v] / 1e6:.1f} M x {steps[v]} steps = "
+        f"{tera_flops(v, steps[v], flops):.1f} TFLOP"
+        for v in METHODS
+    )
+    distinct = sorted({v for vs in versions.values() for v in vs})
+    if not distinct:
+        version = "No run records its code version yet."
+    elif len(distinct) == 1:
+        version = f"Every run was trained and evaluated at code version `{distinct[0]}`."
+    else:
+        version = (
+            "Code versions per run: "
+            + "; ".join(f"{name} `{', '.join(vs)}`" for name, vs in versions.items())
+            + "."
+        )
+    return [
+        "# Fashion-MNIST study: DFM, Flow Matching, Pyramidal Flow, Cascaded (generated)",
+        "",
+        "Written by `experiments/fmnist_study.py`; do not edit by hand. FD-FMNIST on "
+        f"{NUM_SAMPLES} EMA samples per point (class-balanced, fixed noise), 40 network "
+        "evaluations per guidance branch (DFM 30 + 10 with tau 0.9, FM 40, Pyramidal and "
+        "Cascaded 20 + 20), Euler. Training FLOPs per example (batch 64) and the budget: "
+        f"{budget}. {version}",
+        "",
+    ]
+
+
+def write_report(runs, root: str, out_dir: str) -> str:
+    """Writes the report files into ``out_dir``; returns the Markdown file's path."""
+    os.makedirs(out_dir, exist_ok=True)
+    rows = {run.name: _rows(root, run.name) for run in runs}
+    main = [run for run in runs if run.curve and not run.overrides]
+    flops = {v: train_flops_per_example(v) for v in METHODS}
+    lines = _header(flops, run_versions(root, [r.name for r in runs]))
+    missing = [run.name for run in runs if not rows[run.name]]
+    if missing:
+        lines += [f"Runs without results yet: {', '.join(missing)}.", ""]
+    panels = _panels(main, rows)
+    seeds = sorted({r.seed for r in main})
+    for title, panel in panels.items():
+        lines += [f"## FD-FMNIST along training, {title}", ""]
+        lines += [*_method_table(panel, flops, seeds), ""]
+    for variant in ("dfm", "pyramidal", "cascaded"):
+        done = [r.seed for r in main if r.variant == variant and rows[r.name]]
+        seeds_text = f"mean over seeds {done}" if done else "no results yet"
+        lines += _compute_ratio_section(panels, flops, variant, seeds_text)
+    extras = _ablation_curves(runs, rows, panels, flops, lines)
+    dfm_steps = int(study_fmnist.get_config("dfm").total_steps)
+    ablations = [r for r in runs if r.overrides or r.name == "dfm_s0"]
+    lines += _final_table("DFM ablations (seed 0, final step)", ablations, rows, dfm_steps)
+    lines += _tau_table([r for r in runs if r.tau_sweep], rows, dfm_steps)
+    if any(curve for curves in panels.values() for curve in curves.values()):
+        _plot(panels, extras, flops, os.path.join(out_dir, PLOT))
+        lines += [f"![FD-FMNIST vs training compute]({PLOT})", ""]
+    seed0 = [r for r in main if r.seed == 0]
+    captions = [(r.name, f"{METHODS[r.variant]}, step {r.total_steps()}", r.total_steps())
+                for r in seed0]  # fmt: skip
+    if seed0 and _grids(root, captions, os.path.join(out_dir, GRIDS)):
+        names = ", ".join(METHODS[r.variant] for r in seed0)
+        lines += [f"![Final EMA samples, cfg 1.5, one class per row: {names}]({GRIDS})", ""]
+    path = os.path.join(out_dir, REPORT)
+    files.atomic_write_text(path, "\n".join(lines))
+    return path
+
+
+def _ablation_curves(runs, rows, panels, flops, lines: list[str]) -> dict[str, dict]:
+    """Appends the along-training sections of the DFM ablation curve runs to ``lines``;
+    returns their curves per panel (dashed in the plot)."""
     extras = {panel: {} for panel in panels}
     for run in (r for r in runs if r.curve and r.overrides):
         curves = {f"cfg {cfg}": fd_curve(rows[run.name], cfg) for cfg in CFGS}
@@ -212,66 +331,54 @@ def write_report(runs, root: str, out_dir: str, total_steps: int) -> str:
         lines += _compute_ratio_section(
             versus_fm,
             flops,
-            total_steps,
+            "dfm",
             f"{run.label}, seed {run.seed}, against the FM mean",
             title=f"Compute at which {run.label} matches Flow Matching",
         )
-    lines += _final_table(
-        "Ablations (seed 0, final step)",
-        [r for r in runs if r.overrides or r.name == "dfm_s0"],
-        rows,
-        total_steps,
-    )
-    lines += _tau_table([r for r in runs if r.tau_sweep], rows, total_steps)
-    if any(curve for curves in panels.values() for curve in curves.values()):
-        _plot(panels, extras, os.path.join(out_dir, PLOT))
-        lines += [f"![FD-FMNIST vs training steps]({PLOT})", ""]
-    grid_runs = [("dfm_s0", f"DFM, step {total_steps}"), ("fm_s0", f"FM, step {total_steps}")]
-    if _grids(root, grid_runs, total_steps, os.path.join(out_dir, GRIDS)):
-        lines += [
-            f"![Final EMA samples, DFM left, FM right, cfg 1.5, one class per row]({GRIDS})",
-            "",
-        ]
-    path = os.path.join(out_dir, REPORT)
-    files.atomic_write_text(path, "\n".join(lines))
-    return path
+    return extras
 
 
 def _compute_ratio_section(
-    panels, flops, total_steps: int, seeds_text: str, title: str = ""
+    panels, flops, variant: str, seeds_text: str, title: str = ""
 ) -> list[str]:
-    """For every FM checkpoint: the DFM steps that reach its FD, and the compute ratio.
+    """For every FM checkpoint: the steps ``variant`` needs to reach its FD, and the
+    training-compute ratio FM / method.
 
-    The row of the last checkpoint is the paper's measure ("DFM matches FM's final score
+    The row of FM's last checkpoint is the paper's measure ("DFM matches FM's final score
     with N x less compute"); the earlier rows show how the ratio evolves in training.
     """
+    method = METHODS[variant]
+    fm_total = int(study_fmnist.get_config("fm").total_steps)
     lines = [
-        f"## {title or 'Compute at which DFM matches Flow Matching'}",
+        f"## {title or f'Compute at which {method} matches Flow Matching'}",
         "",
-        "For each FM checkpoint, the training steps DFM needs to reach the same FD-FMNIST "
-        "(interpolated linearly between DFM's checkpoints; DFM's first checkpoint, an upper "
-        "bound, when DFM is already there) and the training-compute ratio "
-        f"FM / DFM in FLOPs ({seeds_text}).",
+        f"For each FM checkpoint, the training steps {method} needs to reach the same "
+        f"FD-FMNIST (interpolated linearly between its checkpoints; its first checkpoint, "
+        "an upper bound, when it is already there) and the training-compute ratio "
+        f"FM / {method} in FLOPs ({seeds_text}).",
         "",
-        "| cfg | FM steps | FM FD | DFM steps to reach it | compute ratio FM / DFM |",
+        f"| cfg | FM steps | FM FD | {method} steps to reach it | compute ratio FM / {method} |",
         "|---|---|---|---|---|",
     ]
     for cfg in CFGS:
         curves = panels[f"cfg {cfg}"]
-        fm, dfm_curve = curves.get("FM mean", {}), curves.get("DFM mean", {})
-        if not fm or not dfm_curve:
+        fm, curve = curves.get("FM mean", {}), curves.get(f"{method} mean", {})
+        if not fm or not curve:
             lines.append(f"| {cfg} | — | — | — | (runs not finished) |")
             continue
         for step, target in fm.items():
-            reach = steps_to_reach(dfm_curve, target)
+            fm_compute = tera_flops("fm", step, flops)
+            reach = steps_to_reach(curve, target)
             if reach is None:
-                reach_text = f"not reached in {max(dfm_curve)}"
-                ratio = f"< {step / max(dfm_curve):.2f}"
+                reach_text = f"not reached in {max(curve)}"
+                ratio = f"< {fm_compute / tera_flops(variant, max(curve), flops):.2f}"
             else:
-                bound = "≤ " if reach == min(dfm_curve) else ""  # there at its first point
+                bound = "≤ " if reach == min(curve) else ""  # there at its first point
                 reach_text = f"{bound}{reach:.0f}"
-                ratio = f"{'≥ ' if bound else ''}{step * flops['fm'] / (reach * flops['dfm']):.2f}"
-            b = "**" if step == total_steps else ""
+                ratio = (
+                    f"{'≥ ' if bound else ''}{fm_compute / tera_flops(variant, reach, flops):.2f}"
+                )
+            b = "**" if step == fm_total else ""
             lines.append(f"| {cfg} | {b}{step}{b} | {target:.1f} | {reach_text} | {b}{ratio}{b} |")
     return [*lines, ""]
 

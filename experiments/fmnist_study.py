@@ -1,21 +1,23 @@
-"""Does DFM beat Flow Matching at equal compute? The Fashion-MNIST study (issue 6).
+"""DFM, Flow Matching, Pyramidal Flow and Cascaded at equal compute: the Fashion-MNIST study.
 
-    python experiments/fmnist_dfm_vs_fm.py                    # everything, resumable
-    python experiments/fmnist_dfm_vs_fm.py --runs=dfm_s0,fm_s0
-    python experiments/fmnist_dfm_vs_fm.py --report_only      # tables + plots from results
+    python experiments/fmnist_study.py                    # everything, resumable
+    python experiments/fmnist_study.py --runs=dfm_s0,fm_s0
+    python experiments/fmnist_study.py --report_only      # tables + plots from results
 
 Trains every run of `RUNS` with ``python -m dfm_jax.main`` (``configs/study_fmnist.py``),
 evaluates FD-FMNIST on the EMA parameters with ``python -m dfm_jax.eval``, and writes the
-report (``docs/results/fmnist_study.md``, the FD-vs-steps plot and side-by-side sample
+report (``docs/results/fmnist_study.md``, the FD-vs-compute plot and side-by-side sample
 grids). Every piece resumes: the trainer continues from a run's newest checkpoint, and
 evaluation skips points already in the run's ``eval/results.csv``; killing the script and
 starting it again loses at most the step or sweep point in progress.
 
-Main runs (DFM and its Flow Matching twin, per seed) are evaluated at every checkpoint at
-cfg 1.0 and 1.5; ablation runs (p_q, earlier-stage location) at the last checkpoint at
-cfg 1.0 and 1.5; the threshold tau is a sampling choice, swept at the last checkpoint of
-the main DFM runs. Samplers all use 40 network evaluations per sample per guidance branch
-(DFM 30 + 10, FM 40).
+The four methods share the backbone, batch, optimizer and training FLOPs (the Pyramidal
+and Cascaded configs scale ``total_steps`` to DFM's FLOPs; ``configs/study_fmnist.py``).
+Main runs (one per method and seed) are evaluated at every checkpoint at cfg 1.0 and 1.5;
+ablation runs (p_q, earlier-stage location) at the last checkpoint; the threshold tau is
+a sampling choice, swept at the last checkpoint of the main DFM runs. Samplers all use 40
+network evaluations per sample per guidance branch (DFM 30 + 10, FM 40, Pyramidal and
+Cascaded 20 + 20).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class Run:
 
     Attributes:
       name: the workdir name under the study root, e.g. "dfm_s0".
-      variant: "dfm" or "fm" (``configs/study_fmnist.py:<variant>``).
+      variant: "dfm", "fm", "pyramidal" or "cascaded" (``configs/study_fmnist.py:<variant>``).
       seed: ``config.seed`` (parameters, data order, noise).
       overrides: extra ``--config.<field>=<value>`` flags (ablations).
       curve: evaluate every checkpoint (main runs) instead of the last only.
@@ -60,16 +62,28 @@ class Run:
         flags = [f"--config={CONFIG}:{self.variant}", f"--config.seed={self.seed}"]
         return flags + [f"--config.{field}={value}" for field, value in self.overrides]
 
+    def total_steps(self) -> int:
+        """The run's ``total_steps`` (Pyramidal and Cascaded: scaled to DFM's FLOPs)."""
+        from configs import study_fmnist
+
+        return int(study_fmnist.get_config(self.variant).total_steps)
+
+
+#: Report names of the variants.
+METHODS = {"dfm": "DFM", "fm": "FM", "pyramidal": "Pyramidal", "cascaded": "Cascaded"}
+_PREFIX = {"dfm": "dfm", "fm": "fm", "pyramidal": "pyr", "cascaded": "cas"}
+
 
 def _main_runs(seed: int) -> list[Run]:
     return [
-        Run(f"dfm_s{seed}", "dfm", seed, curve=True, tau_sweep=True, label=f"DFM seed {seed}"),
-        Run(f"fm_s{seed}", "fm", seed, curve=True, label=f"FM seed {seed}"),
-    ]
+        Run(f"{_PREFIX[variant]}_s{seed}", variant, seed, curve=True,
+            tau_sweep=variant == "dfm", label=f"{method} seed {seed}")
+        for variant, method in METHODS.items()
+    ]  # fmt: skip
 
 
-#: In priority order: both methods for two seeds (the headline and its spread), then the
-#: Table 1 ablations of DFM's training distribution (seed 0).
+#: In priority order: the four methods for two seeds (the headline and its spread), then
+#: the Table 1 ablations of DFM's training distribution (seed 0).
 RUNS: tuple[Run, ...] = (
     *_main_runs(0),
     *_main_runs(1),
@@ -116,24 +130,47 @@ def _evaluated(workdir: str, step: int, sweep_size: int) -> bool:
     return len(done) >= sweep_size
 
 
-def train(run: Run, workdir: str, total_steps: int) -> None:
-    if total_steps in _checkpoint_steps(workdir):
+def record_version(workdir: str) -> None:
+    """Adds the current code version to the run's ``VERSIONS`` file (the report lists them:
+    all four methods' numbers must come from one version)."""
+    from experiments import fmnist_report
+
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, fmnist_report.VERSIONS)
+    version = fmnist_report.code_version()
+    if version not in fmnist_report.read_versions(workdir):
+        with open(path, "a") as f:
+            f.write(version + "\n")
+
+
+def train(run: Run, workdir: str) -> None:
+    if run.total_steps() in _checkpoint_steps(workdir):
         return
     log = os.path.join(workdir, "train.log")
-    os.makedirs(workdir, exist_ok=True)
+    record_version(workdir)
     _call([sys.executable, "-m", "dfm_jax.main", *run.config_flags(), f"--workdir={workdir}"], log)
 
 
-def evaluate(run: Run, workdir: str, total_steps: int, every: int) -> None:
-    """FD-FMNIST of the run's checkpoints: every ``every`` steps (curve runs) or the last.
+def curve_steps(saved: list[int], every: int, total_steps: int) -> list[int]:
+    """The checkpoints a curve run is evaluated at: every ``every`` steps and the last.
 
-    Checkpoints saved at other steps (on SIGTERM) are not evaluated.
+    A multiple of ``every`` closer than ``every / 2`` to the last step is left out (the
+    equal-FLOPs runs end at 2003 or 3229 steps); checkpoints saved at other steps (on
+    SIGTERM) are not evaluated.
     """
+    return [
+        s for s in saved if s == total_steps or (s % every == 0 and total_steps - s >= every / 2)
+    ]
+
+
+def evaluate(run: Run, workdir: str, every: int) -> None:
+    """FD-FMNIST of the run's checkpoints: along training (curve runs) or the last."""
     from experiments import fmnist_report
 
+    total_steps = run.total_steps()
     steps = [total_steps]
     if run.curve:
-        steps = [s for s in _checkpoint_steps(workdir) if s % every == 0 or s == total_steps]
+        steps = curve_steps(_checkpoint_steps(workdir), every, total_steps)
     jobs = [(step, GUIDANCE, 2) for step in steps]
     if run.tau_sweep:
         jobs.append((total_steps, f"{GUIDANCE};tau=0.7,0.9", 4))
@@ -141,6 +178,7 @@ def evaluate(run: Run, workdir: str, total_steps: int, every: int) -> None:
     for step, sweep, size in jobs:
         if _evaluated(workdir, step, size):
             continue
+        record_version(workdir)
         _call(
             [
                 sys.executable, "-m", "dfm_jax.eval", *run.config_flags(),
@@ -167,18 +205,17 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown runs {unknown}; known: {[r.name for r in RUNS]}")
     runs = [r for r in RUNS if not names or r.name in names]
-    study_config = study_fmnist.get_config("dfm")
-    total_steps, every = int(study_config.total_steps), int(study_config.checkpoint_every)
+    every = int(study_fmnist.get_config("dfm").checkpoint_every)
     # One compilation cache for every subprocess: evaluation recompiles the same sampler.
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(args.root, "jax_cache"))
     if not args.report_only:
         for run in runs:
             workdir = os.path.join(args.root, run.name)
             _log(f"== {run.name} ({run.label})")
-            train(run, workdir, total_steps)
-            evaluate(run, workdir, total_steps, every)
-            fmnist_report.write_report(RUNS, args.root, args.report_dir, total_steps)
-    path = fmnist_report.write_report(RUNS, args.root, args.report_dir, total_steps)
+            train(run, workdir)
+            evaluate(run, workdir, every)
+            fmnist_report.write_report(RUNS, args.root, args.report_dir)
+    path = fmnist_report.write_report(RUNS, args.root, args.report_dir)
     _log(f"report: {path}")
 
 
