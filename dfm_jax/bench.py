@@ -2,10 +2,14 @@
 
     python -m dfm_jax.bench --config=configs/demo.py
     python -m dfm_jax.bench --config=configs/imagenet512.py --config.batch_size=32
+    python -m dfm_jax.bench --config=configs/demo.py --methods=fm,dfm,pyramidal,cascaded
 
 For the config's model and its single-scale Flow Matching twin
 (``config_lib.flow_matching_twin``: same backbone, token grid, batch and
-optimizer), measured in the same process on the same devices:
+optimizer), and with ``--methods`` its Pyramidal Flow and Cascaded twins
+(``config_lib.pyramidal_twin`` / ``cascaded_twin``: same backbone and batch,
+``total_steps`` scaled to equal training FLOPs), measured in the same process on
+the same devices:
 
 * step time: median over ``--steps`` (at least 20) timed steps after warm-up,
   taken in interleaved rounds (FM, DFM, FM, ...) so that drift of the machine's
@@ -14,7 +18,9 @@ optimizer), measured in the same process on the same devices:
 * the same device's measured dense-matmul FLOP/s in the model's compute dtype,
   and MFU against it (and against the data-sheet peak where one is known);
 * memory: XLA's compiled footprint (arguments + outputs + temporaries) and the
-  device's peak bytes in use where the runtime reports it (GPU, TPU).
+  device's peak bytes in use where the runtime reports it (GPU, TPU);
+* the wall time of the whole equal-FLOPs run (step time x ``total_steps``) as a
+  ratio to FM's: a Pyramidal step is cheaper, but it takes more steps.
 
 The train step is the real one (decomposition, objective, model, AdamW, EMA) on
 a fixed synthetic batch already on the devices, so data loading is excluded.
@@ -42,7 +48,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags, logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dfm_jax import config as config_lib
@@ -56,6 +62,9 @@ _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
 _ROUNDS = flags.DEFINE_integer("rounds", 4, "Interleaved timing rounds (FM, DFM, FM, ...).")
 _JSON = flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
 _DATA = flags.DEFINE_bool("data", False, "Time the input pipeline instead of the train step.")
+_METHODS = flags.DEFINE_list(
+    "methods", ["fm", "dfm"], "Which of fm, dfm, pyramidal, cascaded to time (fm is the baseline)."
+)
 flags.mark_flags_as_required(["config"])
 
 
@@ -72,6 +81,7 @@ class Result:
     mfu_published: float | None
     compiled_bytes: int
     peak_bytes_in_use: int | None
+    total_steps: int
 
 
 def _compiled_bytes(compiled) -> int:
@@ -154,7 +164,37 @@ def summarize(runner: _Runner, matmul_flops: float) -> Result:
         mfu_published=model_flops / published if published else None,
         compiled_bytes=runner.compiled_bytes,
         peak_bytes_in_use=_peak_bytes_in_use(),
+        total_steps=settings.total_steps,
     )
+
+
+#: ``--methods`` names: the table's label and the twin of a DFM config.
+METHODS = {
+    "fm": lambda settings: "FM (1 scale)",
+    "dfm": lambda settings: f"DFM ({settings.num_scales} scales)",
+    "pyramidal": lambda settings: f"Pyramidal ({settings.num_scales} stages)",
+    "cascaded": lambda settings: "Cascaded (2 models)",
+}
+_TWINS = {
+    "fm": config_lib.flow_matching_twin,
+    "dfm": lambda config: config,
+    "pyramidal": lambda config: config_lib.pyramidal_twin(
+        config, ratios=tuple(config.pyramid.ratios)
+    ),
+    "cascaded": config_lib.cascaded_twin,
+}
+
+
+def method_configs(config, methods: list[str]) -> dict[str, config_lib.Settings]:
+    """{table label: settings} of ``methods`` (FM first: the baseline) for a DFM config."""
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise app.UsageError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+    configs = {}
+    for method in ["fm", *(m for m in dict.fromkeys(methods) if m != "fm")]:
+        settings = config_lib.read(_TWINS[method](config))
+        configs[METHODS[method](settings)] = settings
+    return configs
 
 
 def benchmark(configs: dict, steps: int, warmup: int, rounds: int, matmul_flops: float):
@@ -176,18 +216,20 @@ def markdown(results: list[Result], baseline: Result) -> str:
     header = (
         "| model | params (M) | fwd GFLOP/ex | step (ms) | ratio to FM | ex/s | model TFLOP/s/dev "
         "| matmul TFLOP/s/dev | MFU (measured) | MFU (data sheet) | XLA memory (MiB) "
-        "| peak in use (MiB) |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "| peak in use (MiB) | run at equal FLOPs / FM |\n" + "|---" * 13 + "|"
     )
     rows = [header]
     for r in results:
         published = f"{100 * r.mfu_published:.1f} %" if r.mfu_published is not None else "n/a"
         peak = f"{r.peak_bytes_in_use / 2**20:.0f}" if r.peak_bytes_in_use else "n/a"
+        run_ratio = r.step_seconds * r.total_steps / (baseline.step_seconds * baseline.total_steps)
         rows.append(
             f"| {r.name} | {r.params_millions:.3f} | {r.forward_gflops_per_example:.3f} "
             f"| {1e3 * r.step_seconds:.1f} | {r.step_seconds / baseline.step_seconds:.3f} "
             f"| {r.examples_per_second:.1f} | {r.model_tflops_per_device:.4f} "
             f"| {r.matmul_tflops_per_device:.4f} | {100 * r.mfu_measured:.1f} % | {published} "
-            f"| {r.compiled_bytes / 2**20:.0f} | {peak} |"
+            f"| {r.compiled_bytes / 2**20:.0f} | {peak} "
+            f"| {run_ratio:.3f} |"
         )
     return "\n".join(rows)
 
@@ -243,23 +285,20 @@ def main(argv):
         logging.warning("--steps=%d: reported figures should use at least 20", _STEPS.value)
     config = _CONFIG.value
     settings = config_lib.read(config)
+    configs = method_configs(config, _METHODS.value)
     dtype = jnp.dtype(settings.model.dtype)
     matmul_flops = perf.measure_matmul_flops(size=2048, dtype=dtype)
-    configs = {
-        "FM (1 scale)": config_lib.read(config_lib.flow_matching_twin(config)),
-        f"DFM ({settings.num_scales} scales)": settings,
-    }
-    fm, dfm = benchmark(configs, _STEPS.value, _WARMUP.value, _ROUNDS.value, matmul_flops)
+    results = benchmark(configs, _STEPS.value, _WARMUP.value, _ROUNDS.value, matmul_flops)
     device = jax.devices()[0]
     print(
         f"\nDevice: {device.device_kind} x {jax.device_count()} ({jax.default_backend()}); "
         f"batch {settings.batch_size}; compute {dtype.name}; median of {_STEPS.value} steps "
         f"per model in {_ROUNDS.value} interleaved rounds\n"
     )
-    print(markdown([fm, dfm], baseline=fm))
+    print(markdown(results, baseline=results[0]))
     if _JSON.value:
         with open(_JSON.value, "w") as f:
-            json.dump([dataclasses.asdict(r) for r in (fm, dfm)], f, indent=2)
+            json.dump([dataclasses.asdict(r) for r in results], f, indent=2)
 
 
 if __name__ == "__main__":
