@@ -26,6 +26,15 @@ The train step is the real one (decomposition, objective, model, AdamW, EMA) on
 a fixed synthetic batch already on the devices, so data loading is excluded.
 Results print as a Markdown table; ``--json`` also writes them to a file.
 
+``--peer=torch`` also times the PyTorch DFM-SiT of the same sizes, objective, optimizer
+and batch (``dfm_jax.peers``: SDPA attention, fused AdamW, threads = cores, eager or
+``torch.compile``, whichever is faster), in its own process, in the same interleaved
+rounds; its row's "ratio to FM" column and ours give the ratio to it. ``--sample`` adds
+sampling (images/s at the config's sampler, unguided and at ``--guidance``; the peer's
+official Euler sampler at the same NFE). ``--json=F`` writes the step results (each with
+``name`` and ``step_seconds``; the peer's names start with "PyTorch") and, with
+``--sample``, ``F.sampling.json``.
+
 ``--data`` times the input pipeline instead: ``config.data`` through the trainer's
 Grain iterator (``config.batch_size``, ``data.worker_count`` worker processes), the
 first batch (start-up) apart, then ``--steps`` batches: examples (clips) per second;
@@ -43,6 +52,7 @@ from dfm_jax import console  # first: it sets TensorFlow's environment
 # isort: split
 import dataclasses
 import json
+import resource
 import time
 
 import jax
@@ -53,6 +63,8 @@ from ml_collections import config_flags
 
 from dfm_jax import config as config_lib
 from dfm_jax import data, parallel
+from dfm_jax.method import generation
+from dfm_jax.peers import client
 from dfm_jax.training import perf
 from dfm_jax.training import setup as setup_lib
 
@@ -62,6 +74,14 @@ _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
 _ROUNDS = flags.DEFINE_integer("rounds", 4, "Interleaved timing rounds (FM, DFM, FM, ...).")
 _JSON = flags.DEFINE_string("json", None, "Also write the results to this JSON file.")
 _DATA = flags.DEFINE_bool("data", False, "Time the input pipeline instead of the train step.")
+_PEER = flags.DEFINE_enum(
+    "peer", "none", ["none", "torch"], "Also time the PyTorch DFM-SiT peer (dev dependency)."
+)
+_SAMPLE = flags.DEFINE_bool(
+    "sample", False, "Also time sampling, unguided and guided, (and the peer's) in images/s."
+)
+_SAMPLE_IMAGES = flags.DEFINE_integer("sample_images", 16, "Images per timed sampling run.")
+_GUIDANCE = flags.DEFINE_float("guidance", 1.5, "cfg scale of the guided sampling runs.")
 _METHODS = flags.DEFINE_list(
     "methods", ["fm", "dfm"], "Which of fm, dfm, pyramidal, cascaded to time (fm is the baseline)."
 )
@@ -82,6 +102,7 @@ class Result:
     compiled_bytes: int
     peak_bytes_in_use: int | None
     total_steps: int
+    peak_rss_bytes: int | None = None  # the process's peak resident memory (CPU)
 
 
 def _compiled_bytes(compiled) -> int:
@@ -94,6 +115,11 @@ def _compiled_bytes(compiled) -> int:
         + analysis.temp_size_in_bytes
         - analysis.alias_size_in_bytes
     )
+
+
+def _peak_rss_bytes() -> int:
+    """This process's peak resident set size (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _peak_bytes_in_use() -> int | None:
@@ -165,6 +191,29 @@ def summarize(runner: _Runner, matmul_flops: float) -> Result:
         compiled_bytes=runner.compiled_bytes,
         peak_bytes_in_use=_peak_bytes_in_use(),
         total_steps=settings.total_steps,
+        peak_rss_bytes=_peak_rss_bytes(),
+    )
+
+
+def peer_result(peer: client.TorchPeer, times: list[float], dfm: Result) -> Result:
+    """The PyTorch peer's figures; its FLOPs are the DFM model's (the same network)."""
+    step_seconds = float(np.median(times))
+    model_flops = dfm.model_tflops_per_device * 1e12 * dfm.step_seconds / step_seconds
+    matmul = dfm.matmul_tflops_per_device * 1e12
+    return Result(
+        name=f"PyTorch DFM-SiT ({peer.info['mode']}, {peer.info['threads']} threads)",
+        params_millions=peer.info["params"] / 1e6,
+        forward_gflops_per_example=dfm.forward_gflops_per_example,
+        step_seconds=step_seconds,
+        examples_per_second=dfm.examples_per_second * dfm.step_seconds / step_seconds,
+        model_tflops_per_device=model_flops / 1e12,
+        matmul_tflops_per_device=dfm.matmul_tflops_per_device,
+        mfu_measured=model_flops / matmul,
+        mfu_published=None,
+        compiled_bytes=0,
+        peak_bytes_in_use=None,
+        total_steps=dfm.total_steps,
+        peak_rss_bytes=peer.peak_rss_bytes,
     )
 
 
@@ -197,39 +246,53 @@ def method_configs(config, methods: list[str]) -> dict[str, config_lib.Settings]
     return configs
 
 
-def benchmark(configs: dict, steps: int, warmup: int, rounds: int, matmul_flops: float):
-    """Times every model's step in interleaved rounds, so drift hits all alike.
+def benchmark(
+    configs: dict,
+    steps: int,
+    warmup: int,
+    rounds: int,
+    matmul_flops: float,
+    peer: client.TorchPeer | None = None,
+) -> tuple[list[Result], list[_Runner]]:
+    """Times every model's step (and the peer's) in interleaved rounds, so drift hits all
+    alike; the peer's result, timed as the DFM model's peer, comes last.
 
     Args:
       configs: name -> settings, in the order of the table.
       steps: timed steps per model in all (split over ``rounds``).
     """
     runners = [prepare(settings, name, warmup) for name, settings in configs.items()]
-    per_round = -(-steps // rounds)
+    per_round, peer_times = -(-steps // rounds), []
     for _ in range(rounds):
         for runner in runners:
             runner.run(per_round)
-    return [summarize(runner, matmul_flops) for runner in runners]
+        if peer is not None:
+            peer_times += peer.train(per_round)
+    results = [summarize(runner, matmul_flops) for runner in runners]
+    if peer is not None:
+        dfm = next(r for r in results if r.name.startswith("DFM"))
+        results.append(peer_result(peer, peer_times, dfm))
+    return results, runners
 
 
 def markdown(results: list[Result], baseline: Result) -> str:
     header = (
         "| model | params (M) | fwd GFLOP/ex | step (ms) | ratio to FM | ex/s | model TFLOP/s/dev "
         "| matmul TFLOP/s/dev | MFU (measured) | MFU (data sheet) | XLA memory (MiB) "
-        "| peak in use (MiB) | run at equal FLOPs / FM |\n" + "|---" * 13 + "|"
+        "| peak in use (MiB) | peak RSS (MiB) | run at equal FLOPs / FM |\n" + "|---" * 14 + "|"
     )
     rows = [header]
     for r in results:
         published = f"{100 * r.mfu_published:.1f} %" if r.mfu_published is not None else "n/a"
         peak = f"{r.peak_bytes_in_use / 2**20:.0f}" if r.peak_bytes_in_use else "n/a"
+        rss = f"{r.peak_rss_bytes / 2**20:.0f}" if r.peak_rss_bytes else "n/a"
         run_ratio = r.step_seconds * r.total_steps / (baseline.step_seconds * baseline.total_steps)
         rows.append(
             f"| {r.name} | {r.params_millions:.3f} | {r.forward_gflops_per_example:.3f} "
             f"| {1e3 * r.step_seconds:.1f} | {r.step_seconds / baseline.step_seconds:.3f} "
             f"| {r.examples_per_second:.1f} | {r.model_tflops_per_device:.4f} "
             f"| {r.matmul_tflops_per_device:.4f} | {100 * r.mfu_measured:.1f} % | {published} "
-            f"| {r.compiled_bytes / 2**20:.0f} | {peak} "
-            f"| {run_ratio:.3f} |"
+            f"| {r.compiled_bytes / 2**20:.0f} | {peak} | {rss} | {run_ratio:.3f} |"
         )
     return "\n".join(rows)
 
@@ -276,6 +339,81 @@ def main_data(settings: config_lib.Settings) -> None:
             json.dump(result, f, indent=2)
 
 
+@dataclasses.dataclass
+class SamplingResult:
+    name: str
+    cfg_scale: float
+    nfe: int
+    images: int
+    seconds: float
+    images_per_second: float
+
+
+def benchmark_sampling(
+    runner: _Runner, peer: client.TorchPeer | None, images: int, rounds: int, guidance: float
+) -> list[SamplingResult]:
+    """Images/s of the DFM model's sampler (the config's steps) unguided and at
+    ``guidance``, and the peer's official Euler sampler at the same NFE, interleaved."""
+    settings = runner.settings
+    unguided = dataclasses.replace(settings.sampling.sampler(), cfg_scale=1.0)
+    samplers = {1.0: unguided, guidance: dataclasses.replace(unguided, cfg_scale=guidance)}
+    fns = {cfg: generation.make_generate_fn(runner.setup.method, s) for cfg, s in samplers.items()}
+    labels = jnp.arange(images, dtype=jnp.int32) % settings.data.num_classes
+    params, key = runner.state.ema_params, jax.random.key(settings.seed)
+    for cfg, fn in fns.items():  # compile, and warm the peer
+        jax.block_until_ready(fn(params, key, labels))
+        if peer is not None:
+            peer.sample(images, images, cfg)
+    times = {(who, cfg): [] for who in ("ours", "peer") for cfg in fns}
+    for _ in range(rounds):
+        for cfg, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(params, key, labels))
+            times["ours", cfg].append(time.perf_counter() - start)
+            if peer is not None:
+                times["peer", cfg].append(peer.sample(images, images, cfg))
+    names = {"ours": runner.name, "peer": "PyTorch DFM-SiT (official Euler sampler, eager)"}
+    return [
+        SamplingResult(names[who], cfg, samplers[cfg].nfe, images, float(np.median(t)),
+                       images / float(np.median(t)))
+        for (who, cfg), t in times.items()
+        if t
+    ]  # fmt: skip
+
+
+def sampling_markdown(results: list[SamplingResult]) -> str:
+    """One row per sampler and cfg, with guided / unguided and ours / peer ratios."""
+    by_key = {(r.name, r.cfg_scale): r for r in results}
+    ours = results[0].name
+    rows = [
+        "| sampler | cfg | NFE | seconds | images/s | guided / unguided | seconds / peer's |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        unguided = by_key[r.name, 1.0]
+        peer = [p for (name, cfg), p in by_key.items() if name != ours and cfg == r.cfg_scale]
+        vs_peer = f"{r.seconds / peer[0].seconds:.3f}" if r.name == ours and peer else ""
+        rows.append(
+            f"| {r.name} | {r.cfg_scale:g} | {r.nfe} | {r.seconds:.2f} | "
+            f"{r.images_per_second:.2f} | {r.seconds / unguided.seconds:.3f} | {vs_peer} |"
+        )
+    return "\n".join(rows)
+
+
+def start_peer(settings: config_lib.Settings) -> client.TorchPeer:
+    """Starts the PyTorch peer for the DFM config (warning where its network differs)."""
+    for difference in client.architecture_differences(settings):
+        logging.warning("The PyTorch peer is the DFM-SiT of this size; the config has %s",
+                        difference)  # fmt: skip
+    data_spec = data.data_spec(settings.data)
+    architecture = settings.model.architecture(
+        in_channels=data_spec.example_shape[-1], num_classes=data_spec.num_classes,
+        scale_stds=None,
+    )  # fmt: skip
+    logging.info("Starting the PyTorch peer (it picks eager or torch.compile first)")
+    return client.TorchPeer(client.spec_from_settings(settings, architecture))
+
+
 def main(argv):
     del argv
     if _DATA.value:
@@ -287,8 +425,20 @@ def main(argv):
     settings = config_lib.read(config)
     configs = method_configs(config, _METHODS.value)
     dtype = jnp.dtype(settings.model.dtype)
-    matmul_flops = perf.measure_matmul_flops(size=2048, dtype=dtype)
-    results = benchmark(configs, _STEPS.value, _WARMUP.value, _ROUNDS.value, matmul_flops)
+    peer = start_peer(settings) if _PEER.value == "torch" else None
+    try:
+        matmul_flops = perf.measure_matmul_flops(size=2048, dtype=dtype)
+        results, runners = benchmark(
+            configs, _STEPS.value, _WARMUP.value, _ROUNDS.value, matmul_flops, peer
+        )
+        sampling = []
+        if _SAMPLE.value:
+            dfm = next(r for r in runners if r.name.startswith("DFM"))
+            sampling = benchmark_sampling(dfm, peer, _SAMPLE_IMAGES.value, _ROUNDS.value,
+                                          _GUIDANCE.value)  # fmt: skip
+    finally:
+        if peer is not None:
+            peer.close()
     device = jax.devices()[0]
     print(
         f"\nDevice: {device.device_kind} x {jax.device_count()} ({jax.default_backend()}); "
@@ -296,9 +446,24 @@ def main(argv):
         f"per model in {_ROUNDS.value} interleaved rounds\n"
     )
     print(markdown(results, baseline=results[0]))
+    for peer_row in (r for r in results if r.name.startswith("PyTorch")):
+        for ours in (r for r in results if not r.name.startswith("PyTorch")):
+            print(f"{ours.name} step / {peer_row.name} step: "
+                  f"{ours.step_seconds / peer_row.step_seconds:.3f}")  # fmt: skip
+    if sampling:
+        print(f"\nSampling {_SAMPLE_IMAGES.value} images (median of {_ROUNDS.value} rounds):\n")
+        print(sampling_markdown(sampling))
     if _JSON.value:
-        with open(_JSON.value, "w") as f:
-            json.dump([dataclasses.asdict(r) for r in results], f, indent=2)
+        _write_json(_JSON.value, [dataclasses.asdict(r) for r in results])
+        if sampling:
+            path = _JSON.value.removesuffix(".json") + ".sampling.json"
+            _write_json(path, [dataclasses.asdict(r) for r in sampling])
+
+
+def _write_json(path: str, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=2)
+    logging.info("Wrote %s", path)
 
 
 if __name__ == "__main__":

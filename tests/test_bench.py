@@ -51,7 +51,7 @@ def test_table_gives_step_and_equal_flops_run_ratios_to_fm():
 def test_benchmark_times_the_real_step():
     configs = bench.method_configs(train_utils.tiny_config(), ["pyramidal"])
     configs.pop("FM (1 scale)")  # one compilation keeps the test short
-    results = bench.benchmark(configs, steps=2, warmup=0, rounds=2, matmul_flops=1e9)
+    results, _ = bench.benchmark(configs, steps=2, warmup=0, rounds=2, matmul_flops=1e9)
     assert [r.name for r in results] == list(configs)
     for result in results:
         assert result.step_seconds > 0 and result.compiled_bytes > 0

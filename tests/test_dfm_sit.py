@@ -1,6 +1,6 @@
 """Tests of the official DFM-SiT importer (dfm_jax.weights.dfm_sit) and ``eval --init``.
 
-The reference is ``dfm_sit_reference``: a PyTorch re-implementation of the authors'
+The reference is ``dfm_jax.peers.torch_dfm_sit``: a PyTorch re-implementation of the authors'
 ``DFMSiT`` with the official state-dict layout and its Euler sampler, in the SiT
 convention (``t_code = 1 - t``, output ``-v``). Its random state dict (tiny widths)
 is imported; our DiT, driven in the paper convention, must give
@@ -20,7 +20,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import dfm_sit_reference as reference_lib  # noqa: E402
 import train_utils  # noqa: E402
 
 from dfm_jax import config as config_lib  # noqa: E402
@@ -31,6 +30,7 @@ from dfm_jax.method import generation as generate_lib  # noqa: E402
 from dfm_jax.method import sampling  # noqa: E402
 from dfm_jax.models import dit  # noqa: E402
 from dfm_jax.models.dit import DiT, DiTConfig  # noqa: E402
+from dfm_jax.peers import torch_dfm_sit as reference_lib  # noqa: E402
 from dfm_jax.training import setup as setup_lib  # noqa: E402
 from dfm_jax.utils.viz import to_uint8  # noqa: E402
 from dfm_jax.weights import dfm_sit, files  # noqa: E402

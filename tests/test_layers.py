@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from dfm_sit_reference import mae_2d_sincos
 
 from dfm_jax.models import layers
+from dfm_jax.peers.torch_dfm_sit import mae_2d_sincos
 
 
 def test_timestep_embedding_matches_dit_formula():

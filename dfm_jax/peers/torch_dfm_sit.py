@@ -1,13 +1,19 @@
-"""A minimal PyTorch reference of the official DFM-SiT and its Euler sampler (not a test module).
+"""A minimal PyTorch DFM-SiT and its Euler sampler: the parity reference and the bench peer.
 
 Written from the published architecture (snap-research/elit ``models/sit_dfm.py``
 ``DFMSiT`` on ``models/sit.py``, sampler ``dfm_utils/samplers_dfm.py``) for the
-parity tests of ``dfm_jax.weights.dfm_sit`` and ``dfm_jax.models.dit``. Module names
-reproduce the official state-dict layout, so ``reference.state_dict()`` has exactly
-the official tensor names and shapes. Everything is in the official SiT convention:
-``t_code = 1 - t`` (1 is noise), the network predicts ``v_code = noise - data``,
-``drop_mask`` is ONE (S,) mask for the whole batch, masked scales are zeroed before
-their patch embedder and fed ``t_code = 1``.
+parity tests of ``dfm_jax.weights.dfm_sit`` and ``dfm_jax.models.dit``, and timed as
+the PyTorch peer of ``python -m dfm_jax.bench --peer=torch`` (``torch_peer``). Module
+names reproduce the official state-dict layout, so ``reference.state_dict()`` has
+exactly the official tensor names and shapes. Everything is in the official SiT
+convention: ``t_code = 1 - t`` (1 is noise), the network predicts
+``v_code = noise - data``, masked scales are zeroed before their patch embedder and
+fed ``t_code = 1``. ``drop_mask`` is ONE (S,) mask for the whole batch as in the
+official code, or a (N, S) mask per example (DFM's per-example stages). Attention is
+``F.scaled_dot_product_attention`` (the fused kernel PyTorch picks); ``sdpa=False``
+writes the softmax out.
+
+torch is a development dependency (``requirements-dev.txt``), not a runtime one.
 
 Parameters keep PyTorch's default (random, non-zero) initialisation instead of
 DiT's zero-initialised adaLN and output layers, so every weight matters.
@@ -52,9 +58,9 @@ def modulate(x, shift, scale):
 
 
 class _Attention(nn.Module):
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, sdpa: bool = True):
         super().__init__()
-        self.heads = heads
+        self.heads, self.sdpa = heads, sdpa
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
@@ -62,8 +68,12 @@ class _Attention(nn.Module):
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = torch.softmax((q @ k.transpose(-2, -1)) / math.sqrt(d // self.heads), dim=-1)
-        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, d))
+        if self.sdpa:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            attn = torch.softmax((q @ k.transpose(-2, -1)) / math.sqrt(d // self.heads), dim=-1)
+            out = attn @ v
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
 class _Mlp(nn.Module):
@@ -79,10 +89,10 @@ class _Mlp(nn.Module):
 class _Block(nn.Module):
     """SiTBlock: adaLN-Zero, chunks (shift_msa, scale_msa, gate_msa, shift_mlp, ...)."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, sdpa: bool = True):
         super().__init__()
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.attn = _Attention(width, heads)
+        self.attn = _Attention(width, heads, sdpa)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.mlp = _Mlp(width, int(width * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
@@ -159,6 +169,7 @@ class DFMSiTReference(nn.Module):
         learn_sigma head.
       num_classes: K; the label table has K + 1 rows.
       input_size: side of the finest scale.
+      sdpa: attention through ``F.scaled_dot_product_attention``.
     """
 
     def __init__(
@@ -173,6 +184,7 @@ class DFMSiTReference(nn.Module):
         input_size: int,
         out_channels: int | None = None,
         mlp_ratio: float = 4.0,
+        sdpa: bool = True,
     ):
         super().__init__()
         self.patch_sizes = tuple(patch_sizes)
@@ -187,7 +199,7 @@ class DFMSiTReference(nn.Module):
         self.y_embedder = _LabelEmbedder(num_classes, width)
         pos = torch.from_numpy(mae_2d_sincos(width, grid)).float()[None]
         self.pos_embed = nn.Parameter(pos, requires_grad=False)  # in the state dict
-        self.blocks = nn.ModuleList([_Block(width, heads, mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.ModuleList([_Block(width, heads, mlp_ratio, sdpa) for _ in range(depth)])
         self.final_layer = _Projections(
             [_FinalLayer(width, p, self.out_channels) for p in self.patch_sizes]
         )
@@ -198,10 +210,14 @@ class DFMSiTReference(nn.Module):
         return x.reshape(n, c, g * p, g * p)
 
     def forward(self, x: dict, t: torch.Tensor, y: torch.Tensor, drop_mask: torch.Tensor):
-        """x: {s: (N, C, H_s, W_s)}; t: (N, S) t_code; y: (N,); drop_mask: (S,) for the batch."""
+        """x: {s: (N, C, H_s, W_s)}; t: (N, S) t_code; y: (N,); drop_mask: (S,) for the
+        batch or (N, S) per example, true for the active scales."""
         tokens = 0
         for s, embedder in enumerate(self.x_embedder.embedders):
-            xs = x[s] if bool(drop_mask[s]) else x[s] * 0.0
+            if drop_mask.ndim == 2:
+                xs = x[s] * drop_mask[:, s].to(x[s].dtype).view(-1, 1, 1, 1)
+            else:
+                xs = x[s] if bool(drop_mask[s]) else x[s] * 0.0
             tokens = tokens + embedder(xs)
         tokens = tokens + self.pos_embed
         c = sum(e(t[..., s]) for s, e in enumerate(self.t_embedder.embedders))
@@ -210,7 +226,9 @@ class DFMSiTReference(nn.Module):
             tokens = block(tokens, c)
         return {
             s: self.unpatchify(head(tokens, c), p)
-            for s, (head, p) in enumerate(zip(self.final_layer.projections, self.patch_sizes))
+            for s, (head, p) in enumerate(
+                zip(self.final_layer.projections, self.patch_sizes, strict=True)
+            )
         }
 
 
