@@ -82,6 +82,9 @@ _SAMPLE = flags.DEFINE_bool(
 )
 _SAMPLE_IMAGES = flags.DEFINE_integer("sample_images", 16, "Images per timed sampling run.")
 _GUIDANCE = flags.DEFINE_float("guidance", 1.5, "cfg scale of the guided sampling runs.")
+_CHECK_ATTENTION = flags.DEFINE_bool(
+    "check_attention", False, "Compare cuDNN with XLA attention (bf16, forward and gradients)."
+)
 _METHODS = flags.DEFINE_list(
     "methods", ["fm", "dfm"], "Which of fm, dfm, pyramidal, cascaded to time (fm is the baseline)."
 )
@@ -414,8 +417,52 @@ def start_peer(settings: config_lib.Settings) -> client.TorchPeer:
     return client.TorchPeer(client.spec_from_settings(settings, architecture))
 
 
+def attention_errors(
+    batch: int = 4, length: int = 1024, heads: int = 16, head_dim: int = 72, seed: int = 0
+) -> dict[str, float]:
+    """Max |cuDNN - XLA| of ``jax.nn.dot_product_attention`` in bfloat16 (DiT-XL/2's
+    shapes at the paper layout): the output and the gradients of q, k, v, relative to the
+    largest XLA value of each; and of XLA bfloat16 against float32 for scale."""
+    keys = jax.random.split(jax.random.key(seed), 4)
+    shape = (batch, length, heads, head_dim)
+    q, k, v = (jax.random.normal(key, shape, jnp.bfloat16) for key in keys[:3])
+    cotangent = jax.random.normal(keys[3], shape, jnp.bfloat16)
+
+    def outputs(implementation, dtype):
+        def attend(q, k, v):
+            return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+
+        args = tuple(x.astype(dtype) for x in (q, k, v))
+        out, vjp = jax.vjp(attend, *args)
+        return [out, *vjp(cotangent.astype(dtype))]
+
+    xla, cudnn = outputs("xla", jnp.bfloat16), outputs("cudnn", jnp.bfloat16)
+    exact = outputs("xla", jnp.float32)
+    errors = {}
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), xla, cudnn, exact, strict=True):
+        a, b, c = (np.asarray(x, np.float32) for x in (a, b, c))
+        scale = float(np.abs(c).max())
+        errors[f"{name} cudnn-xla"] = float(np.abs(b - a).max()) / scale
+        errors[f"{name} xla_bf16-f32"] = float(np.abs(a - c).max()) / scale
+    return errors
+
+
+def main_check_attention() -> None:
+    """Prints the errors; exits 1 when cuDNN is further from float32 than 2x XLA bf16 is."""
+    errors = attention_errors()
+    for name, value in errors.items():
+        print(f"  {name}: {value:.2e}")
+    for name in ("out", "dq", "dk", "dv"):
+        if errors[f"{name} cudnn-xla"] > 2 * errors[f"{name} xla_bf16-f32"] + 1e-2:
+            raise SystemExit(f"cuDNN attention disagrees with XLA on {name}")
+    print("cuDNN attention matches XLA attention within bfloat16 rounding")
+
+
 def main(argv):
     del argv
+    if _CHECK_ATTENTION.value:
+        main_check_attention()
+        return
     if _DATA.value:
         main_data(config_lib.read(_CONFIG.value))
         return
