@@ -1,4 +1,5 @@
-"""``python -m dfm_jax.bench``: the methods it compares and its table (never its timings)."""
+"""``python -m dfm_jax.bench`` (``training/benchmark.py``): the methods it compares and its
+table (never its timings)."""
 
 import dataclasses
 
@@ -6,7 +7,7 @@ import pytest
 import train_utils
 from absl import app
 
-from dfm_jax import bench
+from dfm_jax.training import benchmark as bench
 
 
 def test_methods_are_the_twins_with_fm_first():
