@@ -119,10 +119,10 @@ def _read_csv(workdir):
         return list(csv.DictReader(f))
 
 
-def _samples(workdir) -> tuple[np.ndarray, np.ndarray]:
-    """``(images, labels)`` of the one saved ``samples_*_n16.npz`` of ``workdir``."""
+def _samples(workdir, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(images, labels)`` of the saved ``samples_*_seed<seed>_n16.npz`` of ``workdir``."""
     eval_dir = os.path.join(workdir, "eval")
-    (name,) = [n for n in os.listdir(eval_dir) if n.endswith("_n16.npz")]
+    (name,) = [n for n in os.listdir(eval_dir) if n.endswith(f"_seed{seed}_n16.npz")]
     with np.load(os.path.join(eval_dir, name)) as npz:
         return npz["arr_0"], npz["arr_1"]
 
@@ -141,9 +141,10 @@ def test_cli_seed_sets_labels_noise_and_row(cli_run, fd_loads, tmp_path):
     samples and another row (seed column), the same seed repeats the samples bit for bit."""
     config, workdir = cli_run
     run_cli(f"--workdir={workdir}", "--seed=5", *SWEEP_FLAGS)
-    images5, labels5 = _samples(workdir)
+    images5, labels5 = _samples(workdir, 5)
     run_cli(f"--workdir={workdir}", "--seed=6", *SWEEP_FLAGS)
-    images6, labels6 = _samples(workdir)  # the file name has no seed: overwritten
+    images6, labels6 = _samples(workdir, 6)  # its own file: seed 5's is kept
+    np.testing.assert_array_equal(_samples(workdir, 5)[0], images5)
     np.testing.assert_array_equal(labels5, class_balanced_labels(16, 4, 5))
     np.testing.assert_array_equal(labels6, class_balanced_labels(16, 4, 6))
     assert not np.array_equal(images5, images6)
@@ -156,7 +157,7 @@ def test_cli_seed_sets_labels_noise_and_row(cli_run, fd_loads, tmp_path):
 
     again = _same_checkpoints(workdir, tmp_path / "again")
     run_cli(f"--workdir={again}", "--seed=5", *SWEEP_FLAGS)
-    images, labels = _samples(again)
+    images, labels = _samples(again, 5)
     np.testing.assert_array_equal(images, images5)
     np.testing.assert_array_equal(labels, labels5)
     (row,) = _read_csv(again)

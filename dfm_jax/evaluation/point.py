@@ -148,6 +148,8 @@ class _SampleFiles:
 
     def __init__(self, ctx: PointContext, name: str, step: int, save_npz: bool, save_png: int):
         self.ctx, self.save_npz, self.save_png = ctx, save_npz, save_png
+        # A run with another --seed keeps its own files (the default seed 0 adds nothing).
+        name = f"{name}_seed{ctx.seed}" if ctx.seed else name
         self.sheet_stem = os.path.join(ctx.eval_dir, f"samples_step{step}_{name}")
         self.main = jax.process_index() == 0
         self.npz = None
