@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib
 import itertools
 import os
 import sys
@@ -26,7 +27,6 @@ from jax.experimental import multihost_utils
 from test_eval import TINY32, fake_inception, random_checkpoint
 
 from dfm_jax import data
-from dfm_jax import eval as eval_cli
 from dfm_jax.data.fashion_mnist import FashionMnistSource
 from dfm_jax.evaluation import demo, evaluators, metrics
 from dfm_jax.evaluation import fd_fmnist as fd_lib
@@ -57,6 +57,25 @@ def _compile_cache_and_tmp_user_cache(tmp_path_factory):
 # --------------------------------------------------------------------------- #
 # The eval CLI in process
 # --------------------------------------------------------------------------- #
+
+eval_cli = None  # dfm_jax.eval while this module's tests run (``_eval_cli_imported``)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _eval_cli_imported():
+    """Imports ``dfm_jax.eval`` for this module only: its absl flags (``--config``,
+    ``--batch_size``, ...) are removed afterwards, since the other CLIs (``prepare``)
+    define the same names and a later test imports them into this process."""
+    global eval_cli
+    eval_cli = importlib.import_module("dfm_jax.eval")
+    try:
+        yield
+    finally:
+        for flag in flags.FLAGS.get_flags_for_module(eval_cli.__name__):
+            if flag.name in flags.FLAGS:
+                delattr(flags.FLAGS, flag.name)
+        sys.modules.pop(eval_cli.__name__, None)
+        eval_cli = None
 
 
 def run_cli(*argv: str, overrides: dict | None = None) -> None:
