@@ -81,6 +81,10 @@ _DATA = flags.DEFINE_bool("data", False, "Time the input pipeline instead of the
 _PEER = flags.DEFINE_enum(
     "peer", "none", ["none", "torch"], "Also time the PyTorch DFM-SiT peer (dev dependency)."
 )
+_PEER_MODE = flags.DEFINE_enum(
+    "peer_mode", "auto", ["auto", "eager", "compile"],
+    "The peer's execution: auto times eager and torch.compile and keeps the faster.",
+)  # fmt: skip
 _SAMPLE = flags.DEFINE_bool(
     "sample", False, "Also time sampling, unguided and guided, (and the peer's) in images/s."
 )
@@ -116,7 +120,8 @@ def start_peer(settings: config_lib.Settings) -> client.TorchPeer:
         scale_stds=None,
     )  # fmt: skip
     logging.info("Starting the PyTorch peer (it picks eager or torch.compile first)")
-    return client.TorchPeer(client.spec_from_settings(settings, architecture))
+    spec = client.spec_from_settings(settings, architecture)
+    return client.TorchPeer({**spec, "mode": _PEER_MODE.value})
 
 
 def main_check_attention() -> None:

@@ -93,6 +93,7 @@ def _kernel(params):
     return params["blocks_0"]["mlp"]["fc1"]["kernel"]
 
 
+@pytest.mark.slow  # 20 s; test_train_paths checks {data: 8} and {data 2, fsdp 2, model 2}
 def test_one_device_data_parallel_and_fsdp_steps_agree(config, setup8, step8, host_init, batches):
     """Three steps on {data: 1} (one device), {data: 8} and {data: 2, fsdp: 4} agree.
 
