@@ -185,3 +185,42 @@ def test_rope_angles_are_the_axial_formula():
     cos, _ = layers.rope_angles(np.array([[2, 3, 4]]), 12, theta)
     expected = [c * theta ** (-i / 2) for c in (2, 3, 4) for i in range(2)]
     np.testing.assert_allclose(cos[0], np.cos(expected), rtol=1e-6, atol=1e-7)
+
+
+def _numpy_attention(q, k, v):
+    """float64 softmax(q k^T / sqrt(H)) v per batch and head, (B, L, N, H) layout."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    scores = np.einsum("blnh,bmnh->bnlm", q, k) / np.sqrt(q.shape[-1])
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    return np.einsum("bnlm,bmnh->blnh", weights, v)
+
+
+@pytest.mark.parametrize("implementation", ["einsum", "xla", None])
+def test_attention_implementations_match_numpy(implementation):
+    keys = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(key, (2, 7, 3, 8)) * 2 for key in keys)  # L 7, N 3, H 8
+    out = layers.attend(q, k, v, implementation)
+    assert out.shape == q.shape and out.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out), _numpy_attention(q, k, v), atol=2e-6)
+
+
+def test_einsum_attention_in_bfloat16_keeps_float32_scores():
+    """bf16 q, k, v: within bf16 rounding of the float64 result (a bf16 softmax would not
+    be, for scores this large) and a bf16 output."""
+    keys = jax.random.split(jax.random.key(1), 3)
+    q, k, v = (jax.random.normal(key, (2, 16, 2, 16)) * 3 for key in keys)
+    out = layers.einsum_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
+    assert out.dtype == jnp.bfloat16
+    exact = _numpy_attention(*(np.asarray(x.astype(jnp.bfloat16), np.float32) for x in (q, k, v)))
+    np.testing.assert_allclose(np.asarray(out, np.float32), exact, atol=0.04)
+
+
+def test_attend_defaults_to_einsum_on_cpu(monkeypatch):
+    calls = []
+    monkeypatch.setattr(layers, "einsum_attention", lambda *a: calls.append(1) or a[2])
+    q = jnp.ones((1, 2, 1, 4))
+    layers.attend(q, q, q, None)
+    assert calls == [1]
+    layers.attend(q, q, q, "xla")
+    assert calls == [1]  # an explicit "xla" is jax.nn.dot_product_attention

@@ -459,6 +459,32 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 # ----------------------------------------------------------------------------
 
 
+def einsum_attention(q: Array, k: Array, v: Array) -> Array:
+    """Softmax attention written out in the (B, N, L, H) layout; (B, L, N, H) in and out.
+
+    The scores and the softmax are float32 (as in ``jax.nn.dot_product_attention``'s XLA
+    path); the output has ``v``'s dtype. On the XLA CPU backend this layout runs the
+    forward and backward pass 30 % faster than ``jax.nn.dot_product_attention`` (B 16,
+    L 256, D 384: 85 vs 122 ms at head dim 64, 155 vs 234 ms at 24; docs/benchmarks.md).
+    """
+    scale = 1.0 / np.sqrt(q.shape[-1])
+    q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+    scores = jnp.einsum("bnlh,bnmh->bnlm", q * scale, k, preferred_element_type=jnp.float32)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bnlm,bnmh->bnlh", weights, v).transpose(0, 2, 1, 3)
+
+
+def attend(q: Array, k: Array, v: Array, implementation: str | None) -> Array:
+    """Attention of (B, L, N, H) ``q, k, v`` by ``implementation``: "einsum"
+    (``einsum_attention``), "xla" or "cudnn" (``jax.nn.dot_product_attention``), or None:
+    "einsum" on the CPU backend (faster there), JAX's own choice elsewhere."""
+    if implementation is None and jax.default_backend() == "cpu":
+        implementation = "einsum"
+    if implementation == "einsum":
+        return einsum_attention(q, k, v)
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with optional RoPE and a backend switch.
 
@@ -468,8 +494,9 @@ class Attention(nn.Module):
 
     Attributes:
       width: D. num_heads: N (H = D // N).
-      implementation: ``jax.nn.dot_product_attention`` implementation: "xla", "cudnn"
-        (GPU, bf16/fp16 only) or None (JAX chooses).
+      implementation: "einsum" (``einsum_attention``), "xla" or "cudnn" (GPU, bf16/fp16
+        only; both ``jax.nn.dot_product_attention``) or None (``attend``: einsum on CPU,
+        JAX's choice elsewhere).
       qkv_bias: bias on the qkv projection (DiT: True).
 
     Call: x (B, L, D), rope: optional (cos, sin) each (L, H // 2) -> (B, L, D).
@@ -498,7 +525,7 @@ class Attention(nn.Module):
         if rope is not None:
             q = apply_rope(q, *rope)
             k = apply_rope(k, *rope)
-        out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        out = attend(q, k, v, self.implementation)
         out = nn.with_logical_constraint(out, names)
         return logical_dense(self.width, ("heads", "kv", "embed"), name="proj", n_in=2, **kw)(out)
 
