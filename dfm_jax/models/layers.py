@@ -107,8 +107,13 @@ class LogicalDense(nn.Module):
                 self.param_dtype,
             )
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        # The leading axes as one: the kernel gradient then contracts one axis, which the
+        # XLA CPU backend runs as a plain matmul (contracting (B, L) was ~1.8x slower).
+        leading = x.shape[:-n_in]
+        x = x.reshape((-1, *x.shape[-n_in:]))
+        contract = (tuple(range(1, 1 + n_in)), tuple(range(n_in)))
         y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+        y = y.reshape((*leading, *self.features))
         if bias is not None:
             y = y + bias
         return y
