@@ -49,6 +49,7 @@ def test_table_gives_step_and_equal_flops_run_ratios_to_fm():
     assert len(cells) == len(dataclasses.fields(bench.Result)) + 1  # + the step ratio
 
 
+@pytest.mark.slow  # 8 s; compiles a real step (its numbers are test_train's)
 def test_benchmark_times_the_real_step():
     configs = bench.method_configs(train_utils.tiny_config(), ["pyramidal"])
     configs.pop("FM (1 scale)")  # one compilation keeps the test short

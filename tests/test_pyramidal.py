@@ -394,6 +394,7 @@ def test_config_checks():
         train_utils.tiny_settings({**PYRAMIDAL_TINY, "pyramid.ratios": (4,)})
 
 
+@pytest.mark.slow  # 16 s; the trainer's resume is method-agnostic (test_train_resume, test_faults)
 def test_trains_checkpoints_and_resumes_bitwise(tmp_path):
     """Two steps straight == step 1 restored from its checkpoint, then step 2."""
     from dfm_jax.training import loop

@@ -118,6 +118,7 @@ def test_sigterm_then_resume_is_bitwise_identical(tmp_path, monkeypatch):
     train_utils.assert_trees_equal(started, straight, "state started from config.resume")
 
 
+@pytest.mark.slow  # test_faults::test_nan_storm_stops_then_the_same_command_finishes
 def test_nonfinite_losses_stop_the_run_with_the_last_good_checkpoint(tmp_path, monkeypatch):
     """NaN batches from step 5 on: skipped updates, then NonFiniteLossError after 3 in a row."""
     good_steps, limit = 4, 3

@@ -6,6 +6,7 @@ import io
 
 import jax
 import numpy as np
+import pytest
 import train_utils
 from PIL import Image
 
@@ -63,6 +64,7 @@ def test_video_sample_grid_is_an_animated_class_grid(tmp_path):
     assert writer.images["samples"].shape[0] == 1
 
 
+@pytest.mark.slow  # 10 s; test_video_pipeline writes decoded latent GIFs end to end
 def test_latent_video_samples_are_decoded_by_the_video_autoencoder(tmp_path):
     """Video latents (B, T', h, w, C) are drawn after the video codec's decode."""
     settings = train_utils.tiny_settings(
