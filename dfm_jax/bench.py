@@ -59,7 +59,6 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from dfm_jax import config as config_lib
-from dfm_jax import data
 from dfm_jax.peers import client
 from dfm_jax.training import perf
 from dfm_jax.training.benchmark import (
@@ -105,8 +104,7 @@ def main_data(settings: config_lib.Settings) -> None:
     for name, value in result.items():
         print(f"  {name}: {value:.2f}" if isinstance(value, float) else f"  {name}: {value}")
     if _JSON.value:
-        with open(_JSON.value, "w") as f:
-            json.dump(result, f, indent=2)
+        _write_json(_JSON.value, result)
 
 
 def start_peer(settings: config_lib.Settings) -> client.TorchPeer:
@@ -114,13 +112,8 @@ def start_peer(settings: config_lib.Settings) -> client.TorchPeer:
     for difference in client.architecture_differences(settings):
         logging.warning("The PyTorch peer is the DFM-SiT of this size; the config has %s",
                         difference)  # fmt: skip
-    data_spec = data.data_spec(settings.data)
-    architecture = settings.model.architecture(
-        in_channels=data_spec.example_shape[-1], num_classes=data_spec.num_classes,
-        scale_stds=None,
-    )  # fmt: skip
     logging.info("Starting the PyTorch peer (it picks eager or torch.compile first)")
-    spec = client.spec_from_settings(settings, architecture)
+    spec = client.spec_from_settings(settings)
     return client.TorchPeer({**spec, "mode": _PEER_MODE.value})
 
 
@@ -184,7 +177,7 @@ def main(argv):
             _write_json(path, [dataclasses.asdict(r) for r in sampling])
 
 
-def _write_json(path: str, rows: list[dict]) -> None:
+def _write_json(path: str, rows: list[dict] | dict) -> None:
     with open(path, "w") as f:
         json.dump(rows, f, indent=2)
     logging.info("Wrote %s", path)

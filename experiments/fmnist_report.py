@@ -17,6 +17,7 @@ cheaper low-resolution stages of Pyramidal Flow and Cascaded.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import subprocess
@@ -92,13 +93,16 @@ def train_flops_per_example(variant: str) -> float:
     return perf.TRAIN_FLOPS_PER_FORWARD * method.forward_flops()
 
 
-def batch_size(variant: str) -> int:
-    return int(study_fmnist.get_config(variant).batch_size)
+@functools.cache
+def budget(variant: str) -> tuple[int, int]:
+    """``(batch_size, total_steps)`` of a study variant (its config, built once)."""
+    config = study_fmnist.get_config(variant)
+    return int(config.batch_size), int(config.total_steps)
 
 
 def tera_flops(variant: str, steps: float, flops: dict[str, float]) -> float:
     """Training compute of ``steps`` steps of a variant, in TFLOP."""
-    return steps * batch_size(variant) * flops[variant] / 1e12
+    return steps * budget(variant)[0] * flops[variant] / 1e12
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
@@ -240,8 +244,8 @@ def _panels(main, rows) -> dict[str, dict[str, dict[int, float]]]:
 
 
 def _header(flops: dict[str, float], versions: dict[str, list[str]]) -> list[str]:
-    steps = {v: int(study_fmnist.get_config(v).total_steps) for v in METHODS}
-    budget = ", ".join(
+    steps = {v: budget(v)[1] for v in METHODS}
+    budgets = ", ".join(
         f"{METHODS[v]} {flops[v] / 1e6:.1f} M x {steps[v]} steps = "
         f"{tera_flops(v, steps[v], flops):.1f} TFLOP"
         for v in METHODS
@@ -264,7 +268,7 @@ def _header(flops: dict[str, float], versions: dict[str, list[str]]) -> list[str
         f"{NUM_SAMPLES} EMA samples per point (class-balanced, fixed noise), 40 network "
         "evaluations per guidance branch (DFM 30 + 10 with tau 0.9, FM 40, Pyramidal and "
         "Cascaded 20 + 20), Euler. Training FLOPs per example (batch 64) and the budget: "
-        f"{budget}. {version}",
+        f"{budgets}. {version}",
         "",
     ]
 
@@ -289,7 +293,7 @@ def write_report(runs, root: str, out_dir: str) -> str:
         seeds_text = f"mean over seeds {done}" if done else "no results yet"
         lines += _compute_ratio_section(panels, flops, variant, seeds_text)
     extras = _ablation_curves(runs, rows, panels, flops, lines)
-    dfm_steps = int(study_fmnist.get_config("dfm").total_steps)
+    dfm_steps = budget("dfm")[1]
     ablations = [r for r in runs if r.overrides or r.name == "dfm_s0"]
     lines += _final_table("DFM ablations (seed 0, final step)", ablations, rows, dfm_steps)
     lines += _tau_table([r for r in runs if r.tau_sweep], rows, dfm_steps)
@@ -348,7 +352,7 @@ def _compute_ratio_section(
     with N x less compute"); the earlier rows show how the ratio evolves in training.
     """
     method = METHODS[variant]
-    fm_total = int(study_fmnist.get_config("fm").total_steps)
+    fm_total = budget("fm")[1]
     lines = [
         f"## {title or f'Compute at which {method} matches Flow Matching'}",
         "",

@@ -64,9 +64,9 @@ class Run:
 
     def total_steps(self) -> int:
         """The run's ``total_steps`` (Pyramidal and Cascaded: scaled to DFM's FLOPs)."""
-        from configs import study_fmnist
+        from experiments import fmnist_report
 
-        return int(study_fmnist.get_config(self.variant).total_steps)
+        return fmnist_report.budget(self.variant)[1]
 
 
 #: Report names of the variants.

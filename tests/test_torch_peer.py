@@ -29,12 +29,7 @@ def _tiny_dfm_sit() -> config_lib.Settings:
 @pytest.fixture(scope="module")
 def tiny():
     settings = _tiny_dfm_sit()
-    spec_data = data.data_spec(settings.data)
-    architecture = settings.model.architecture(
-        in_channels=spec_data.example_shape[-1], num_classes=spec_data.num_classes,
-        scale_stds=None,
-    )  # fmt: skip
-    return settings, client.spec_from_settings(settings, architecture)
+    return settings, client.spec_from_settings(settings)
 
 
 @pytest.mark.parametrize("num_scales", [2, 3])

@@ -18,6 +18,7 @@ import sys
 from absl import app
 
 from dfm_jax import config as config_lib
+from dfm_jax import data
 
 INSTALL_HINT = (
     "--peer=torch needs PyTorch, a development dependency: "
@@ -43,8 +44,14 @@ def architecture_differences(settings: config_lib.Settings) -> list[str]:
     return differences
 
 
-def spec_from_settings(settings: config_lib.Settings, dit_config) -> dict:
-    """The peer's spec (JSON-able) for a DFM config and its built ``DiTConfig``."""
+def spec_from_settings(settings: config_lib.Settings) -> dict:
+    """The peer's spec (JSON-able) for a DFM config: its network's sizes, the objective,
+    the optimizer, the batch and the sampler."""
+    data_spec = data.data_spec(settings.data)
+    dit_config = settings.model.architecture(
+        in_channels=data_spec.example_shape[-1], num_classes=data_spec.num_classes,
+        scale_stds=None,
+    )  # fmt: skip
     objective, optimizer, sampler = settings.objective, settings.optimizer, settings.sampling
     return {
         "width": dit_config.width,
