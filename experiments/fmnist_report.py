@@ -198,7 +198,8 @@ def _grids(root: str, names: Sequence[tuple[str, str, int]], path: str) -> bool:
 
 
 def code_version(repo: str = REPO) -> str:
-    """``git`` commit of ``repo`` (with "+changes" when tracked files differ), or "unknown"."""
+    """``git`` commit of ``repo`` (with "+changes" when tracked files outside ``docs/``
+    differ), or "unknown"."""
 
     def git(*args: str) -> str:
         result = subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True)
@@ -207,7 +208,9 @@ def code_version(repo: str = REPO) -> str:
     commit = git("rev-parse", "--short=10", "HEAD")
     if not commit:
         return "unknown"
-    return commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    # The report this study writes under docs/ is not code: it does not count as a change.
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)docs")
+    return commit + ("+changes" if changed else "")
 
 
 def read_versions(workdir: str) -> list[str]:
