@@ -211,7 +211,7 @@ class ModelSettings:
     positions: str = "rope"  # "rope" (paper) | "sincos" (authors' reimplementation)
     stage_embedding: bool = True  # embedding of the current stage in the conditioning
     preconditioning: bool = False  # EDM-style per-scale c_in / c_out (needs data stds)
-    attention_impl: str | None = None  # "einsum" | "xla" | "cudnn" | None (einsum on CPU)
+    attention_impl: str | None = None  # blockwise | einsum | xla | cudnn | None (CPU: blockwise)
     dtype: str = "float32"  # compute dtype; "bfloat16" on accelerators
     remat: bool = False  # rematerialise every block in the backward pass
     remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name

@@ -102,7 +102,7 @@ MODEL_SIZES: dict[str, tuple[int, int, int]] = {
 }
 
 _POSITIONS = ("rope", "sincos")
-_ATTENTION_IMPLS = (None, "einsum", "xla", "cudnn")
+_ATTENTION_IMPLS = (None, "blockwise", "einsum", "xla", "cudnn")
 _COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 _PARAM_DTYPES = ("float32", "bfloat16")
 
@@ -135,9 +135,11 @@ class DiTConfig:
         output s by ``sqrt(sigma_s^2 + 1)`` (EDM-style; the official code has none).
       scale_stds: per-scale data std sigma_s (S floats > 0), required when
         ``preconditioning``; otherwise unused (may be None).
-      attention_impl: "einsum" (``layers.einsum_attention``, the (B, N, L, H) layout),
+      attention_impl: "blockwise" (``blockwise_attention``: blocks of heads, its own
+        backward pass), "einsum" (``layers.einsum_attention``, the (B, N, L, H) layout),
         "xla" or "cudnn" (``jax.nn.dot_product_attention``; cudnn: NVIDIA GPU, bf16/fp16
-        compute only) or None (``layers.attend``: einsum on CPU, JAX's choice elsewhere).
+        compute only) or None (``layers.attend``: blockwise on CPU, JAX's choice
+        elsewhere).
       qkv_bias: bias in the qkv projection (DiT: True).
       time_freq_dim: number of sinusoidal timestep features (DiT: 256).
       time_max_period: max period of the sinusoidal timestep features (10000).

@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dfm_jax.models import blockwise_attention
+
 Array = jax.Array
 Dtype = Any
 Initializer = Any
@@ -480,11 +482,14 @@ def einsum_attention(q: Array, k: Array, v: Array) -> Array:
 
 
 def attend(q: Array, k: Array, v: Array, implementation: str | None) -> Array:
-    """Attention of (B, L, N, H) ``q, k, v`` by ``implementation``: "einsum"
-    (``einsum_attention``), "xla" or "cudnn" (``jax.nn.dot_product_attention``), or None:
-    "einsum" on the CPU backend (faster there), JAX's own choice elsewhere."""
+    """Attention of (B, L, N, H) ``q, k, v`` by ``implementation``: "blockwise"
+    (``blockwise_attention.blockwise_attention``), "einsum" (``einsum_attention``), "xla"
+    or "cudnn" (``jax.nn.dot_product_attention``), or None: "blockwise" on the CPU
+    backend (the fastest there), JAX's own choice elsewhere."""
     if implementation is None and jax.default_backend() == "cpu":
-        implementation = "einsum"
+        implementation = "blockwise"
+    if implementation == "blockwise":
+        return blockwise_attention.blockwise_attention(q, k, v)
     if implementation == "einsum":
         return einsum_attention(q, k, v)
     return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
@@ -499,9 +504,10 @@ class Attention(nn.Module):
 
     Attributes:
       width: D. num_heads: N (H = D // N).
-      implementation: "einsum" (``einsum_attention``), "xla" or "cudnn" (GPU, bf16/fp16
-        only; both ``jax.nn.dot_product_attention``) or None (``attend``: einsum on CPU,
-        JAX's choice elsewhere).
+      implementation: "blockwise" (``blockwise_attention``), "einsum"
+        (``einsum_attention``), "xla" or "cudnn" (GPU, bf16/fp16 only; both
+        ``jax.nn.dot_product_attention``) or None (``attend``: blockwise on CPU, JAX's
+        choice elsewhere).
       qkv_bias: bias on the qkv projection (DiT: True).
 
     Call: x (B, L, D), rope: optional (cos, sin) each (L, H // 2) -> (B, L, D).
