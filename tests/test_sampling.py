@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dfm_jax.method import generation, methods, objective, sampling, schedule, solvers
+from dfm_jax.method import generation, guidance, methods, objective, sampling, schedule, solvers
 from dfm_jax.method import pyramid as pyramid_lib
 
 Settings = sampling.SamplerSettings
@@ -391,7 +391,9 @@ def test_guidance_interval_switches_guidance_off_per_scale():
     np.testing.assert_allclose(out[1][:, 0, 0, 0], v_c, rtol=1e-6)
 
 
-def _trace_batches(cfg_scale, interval=(0.0, 1.0), steps=(3, 2), solver="euler"):
+def _trace_batches(
+    cfg_scale, interval=(0.0, 1.0), steps=(3, 2), solver="euler", batching="doubled"
+):
     """Batch sizes and labels of the velocity_fn calls made while tracing `sample`."""
     traced = []
 
@@ -405,7 +407,7 @@ def _trace_batches(cfg_scale, interval=(0.0, 1.0), steps=(3, 2), solver="euler")
         functools.partial(
             sampling.sample,
             recording,
-            settings=Settings(steps, (0.5,), solver, cfg_scale, interval),
+            settings=Settings(steps, (0.5,), solver, cfg_scale, interval, batching),
             null_label=NULL,
         )
     )(noise, labels)
@@ -436,6 +438,36 @@ def test_cfg_scale_one_calls_with_batch_b_and_guided_with_2b():
     # An interval that no evaluated t reaches: guidance never applies, no doubled call at all.
     traced, _ = _trace_batches(2.0, interval=(0.95, 1.0))
     assert [b for b, *_ in traced] == [4]
+
+
+def test_split_guidance_calls_twice_with_b_and_matches_the_doubled_batch(monkeypatch):
+    traced, _ = _trace_batches(2.0, batching="split")
+    assert [b for b, *_ in traced] == [4, 4]
+    # w = 0 leaves the unconditional velocity alone: the second call had the null labels.
+    out = sampling.sample(
+        lambda s, t, m, y: [
+            jnp.broadcast_to(y.astype(jnp.float32).reshape(-1, 1, 1, 1), x.shape) for x in s
+        ],
+        [jnp.zeros((4, 2, 2, 1))],
+        jnp.arange(4, dtype=jnp.int32),
+        Settings((1,), (), cfg_scale=0.0, guidance_batching="split"),
+        null_label=NULL,
+    )
+    np.testing.assert_array_equal(out[0], NULL)
+    noise = [jax.random.normal(jax.random.key(i), (4, 2 * i + 2, 2 * i + 2, 1)) for i in range(2)]
+    labels = jnp.array([0, 3, 1, 2], jnp.int32)
+
+    def run(batching):
+        settings = Settings((3, 2), (0.5,), "heun", 1.7, (0.2, 0.8), batching)
+        return sampling.sample(jax_toy_velocity, noise, labels, settings, null_label=NULL)
+
+    for split, doubled in zip(run("split"), run("doubled"), strict=True):
+        np.testing.assert_allclose(np.asarray(split), np.asarray(doubled), rtol=1e-6, atol=1e-6)
+    assert guidance.splits_batch("auto")  # the tests run on the CPU backend
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not guidance.splits_batch("auto") and guidance.splits_batch("split")
+    with pytest.raises(ValueError, match="guidance_batching must be one of"):
+        Settings(guidance_batching="halves")
 
 
 def test_sampler_is_one_scan_with_constant_tracing():

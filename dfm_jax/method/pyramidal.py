@@ -333,6 +333,7 @@ def _run_stage(
         (inputs["need"], inputs["need_next"][inputs["correct"]]),
         cfg_scale=settings.cfg_scale,
         null_label=null_label,
+        batching=settings.guidance_batching,
     )
     step = solvers.SOLVERS[settings.solver if inputs["correct"].any() else "euler"]
 

@@ -247,6 +247,7 @@ def sample(
         (plan.need_cur, plan.need_next[plan.correct]),
         cfg_scale=settings.cfg_scale,
         null_label=null_label,
+        batching=settings.guidance_batching,
     )
     # Heun without any corrected step (N = 1) is Euler; skip tracing the corrector.
     step = solvers.SOLVERS[settings.solver if plan.correct.any() else "euler"]

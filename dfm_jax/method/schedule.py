@@ -102,6 +102,15 @@ def _validate_cfg_scale(cfg_scale: float) -> float:
     return value
 
 
+GUIDANCE_BATCHING = ("auto", "doubled", "split")  # see guidance.splits_batch
+
+
+def _validate_batching(batching: str) -> str:
+    if batching not in GUIDANCE_BATCHING:
+        raise ValueError(f"guidance_batching must be one of {GUIDANCE_BATCHING}, got {batching!r}")
+    return batching
+
+
 def _validate_interval(guidance_interval: Sequence[float]) -> tuple[float, float]:
     try:
         low, high = (float(v) for v in guidance_interval)
@@ -137,6 +146,9 @@ class SamplerSettings:
       solver: a name in ``SOLVER_NAMES`` (``"euler"`` or ``"heun"``).
       cfg_scale: classifier-free guidance weight w; 1 disables guidance.
       guidance_interval: ``(low, high)`` in paper-convention t, inclusive.
+      guidance_batching: how a guided evaluation batches the conditional and
+        unconditional calls: "doubled" (one call on 2B), "split" (two on B) or "auto"
+        (split on the CPU backend, where it is faster; ``guidance.splits_batch``).
 
     Sequences (e.g. lists from a config) are normalised to tuples of int / float,
     so the object is hashable and can be a static argument of ``jax.jit``. Every
@@ -149,6 +161,7 @@ class SamplerSettings:
     solver: str = "euler"
     cfg_scale: float = 1.0
     guidance_interval: tuple[float, float] = (0.0, 1.0)
+    guidance_batching: str = "auto"
 
     def __post_init__(self):
         steps = _validate_steps(self.steps_per_stage)
@@ -158,6 +171,7 @@ class SamplerSettings:
             "solver": _validate_solver(self.solver),
             "cfg_scale": _validate_cfg_scale(self.cfg_scale),
             "guidance_interval": _validate_interval(self.guidance_interval),
+            "guidance_batching": _validate_batching(self.guidance_batching),
         }
         for name, value in normalised.items():
             object.__setattr__(self, name, value)
