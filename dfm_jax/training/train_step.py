@@ -150,20 +150,24 @@ def train_step(
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-    updates, opt_state = static.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    decay = ema_decay_at(state.step, static.ema_decay, static.ema_warmup)
-    ema_params = jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), state.ema_params, params)
+    def update(old):
+        params, ema_params, opt_state = old
+        updates, new_opt_state = static.tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        decay = ema_decay_at(state.step, static.ema_decay, static.ema_warmup)
+        new_ema = jax.tree.map(lambda e, p: e + (1.0 - decay) * (p - e), ema_params, new_params)
+        return new_params, new_ema, new_opt_state
 
-    def keep_if_finite(new, old):
-        return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-
+    # One branch runs: a skipped step's state is the old one, bit for bit, and the
+    # update writes in place (a per-leaf jnp.where kept a copy of every old leaf).
+    old = (state.params, state.ema_params, state.opt_state)
+    params, ema_params, opt_state = jax.lax.cond(finite, update, lambda old: old, old)
     nonfinite = (~finite).astype(jnp.int32)
     new_state = TrainState(
         step=state.step + 1,
-        params=keep_if_finite(params, state.params),
-        ema_params=keep_if_finite(ema_params, state.ema_params),
-        opt_state=keep_if_finite(opt_state, state.opt_state),
+        params=params,
+        ema_params=ema_params,
+        opt_state=opt_state,
         consecutive_nonfinite=(state.consecutive_nonfinite + 1) * nonfinite,
         skipped_updates=state.skipped_updates + nonfinite,
     )
