@@ -470,6 +470,44 @@ def test_split_guidance_calls_twice_with_b_and_matches_the_doubled_batch(monkeyp
         Settings(guidance_batching="halves")
 
 
+def test_network_call_checks_the_velocities_and_returns_float32():
+    x = (jnp.zeros((2, 4, 4, 1)), jnp.zeros((2, 8, 8, 1)))
+    t, mask, labels = jnp.zeros(2), jnp.ones(2), jnp.zeros(2, jnp.int32)
+    out = guidance.network_call(
+        lambda s, *_: [e.astype(jnp.bfloat16) + 1 for e in s], x, t, mask, labels
+    )
+    assert [v.dtype for v in out] == [jnp.float32] * 2
+    with pytest.raises(ValueError, match="must return a sequence of 2 per-scale arrays, got Array"):
+        guidance.network_call(lambda s, *_: s[0], x, t, mask, labels)
+    with pytest.raises(ValueError, match="must return a sequence of 2 per-scale arrays, got list"):
+        guidance.network_call(lambda s, *_: [s[0]], x, t, mask, labels)
+    with pytest.raises(ValueError, match=r"shape \(2, 4, 4, 1\) for scale 2, expected"):
+        guidance.network_call(lambda s, *_: [s[0], s[0]], x, t, mask, labels)
+
+
+def test_guidance_batching_defaults():
+    """``guided_velocity`` doubles the batch unless told to split; ``make_evaluators``
+    resolves "auto" (here, on CPU: two calls of B)."""
+    calls = []
+
+    def recording(scales, t, mask, labels):
+        calls.append(scales[0].shape[0])
+        return list(scales)
+
+    x, row = (jnp.ones((3, 2, 2, 1)),), jnp.ones(1)
+    both = jnp.array([0, 1, 2, NULL, NULL, NULL], jnp.int32)
+    guidance.guided_velocity(recording, x, row, row, jnp.ones(1, bool), both, 2.0)
+    assert calls == [6]
+    (evaluate,) = guidance.make_evaluators(
+        recording, both[:3], (np.array([True]),), cfg_scale=2.0, null_label=NULL
+    )
+    calls.clear()
+    evaluate(x, row, row, jnp.ones(1, bool), jnp.array(True))
+    assert calls == [3, 3]
+    with pytest.raises(ValueError, match="guidance_batching must be one of"):
+        guidance.splits_batch("halves")
+
+
 def test_sampler_is_one_scan_with_constant_tracing():
     for solver, calls in (("euler", 1), ("heun", 2)):
         small, jaxpr_small = _trace_batches(1.0, steps=(3, 2), solver=solver)
