@@ -93,7 +93,7 @@ bench: $(RUNTIME_STAMP)
 ## study: the Fashion-MNIST four-method study (DFM, FM, Pyramidal, Cascaded; resumable)
 STUDY_FLAGS ?=
 study: $(RUNTIME_STAMP) fashion-mnist
-	$(PY) experiments/fmnist_dfm_vs_fm.py $(STUDY_FLAGS)
+	$(PY) experiments/fmnist_study.py $(STUDY_FLAGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -18,7 +18,7 @@ on 16x16 images and a stage-2 DiT (patch 4) on 32x32 conditioned on the upsample
 image, both of the same size as DFM's, each batch split evenly between them, 20 + 20
 sampling steps, ``total_steps`` scaled to equal training FLOPs as for ``pyramidal``.
 Ablations override fields (``--config.objective.stage_probs=(0.8,0.2)``, ...); the study
-script ``experiments/fmnist_dfm_vs_fm.py`` runs them all.
+script ``experiments/fmnist_study.py`` runs them all.
 """
 
 from configs import demo
