@@ -460,6 +460,31 @@ def test_fd_fmnist_trains_caches_and_reloads(subset_training, fmnist_subset, tmp
     )
 
 
+def test_fd_fmnist_retrains_a_corrupt_entry_and_gates_a_loaded_one(
+    subset_training, tmp_path, monkeypatch, caplog
+):
+    """A cache entry whose parameters no longer match their digest is logged and
+    replaced by a retrained one; an entry whose recorded accuracy is below the gate
+    raises on load, naming the entry."""
+    monkeypatch.setattr(fd_lib, "MIN_TEST_ACCURACY", 0.0)
+    cache = str(tmp_path)
+    first = FdFmnist.load_or_train(cache_dir=cache, settings=TINY_CLASSIFIER)
+    stem = os.path.join(cache, TINY_CLASSIFIER.cache_name())
+    with open(stem + ".msgpack", "r+b") as f:  # flip bytes in the middle of the params
+        f.seek(os.path.getsize(stem + ".msgpack") // 2)
+        f.write(b"\xff\xfe\xfd\xfc")
+    with caplog.at_level("WARNING"):
+        again = FdFmnist.load_or_train(cache_dir=cache, settings=TINY_CLASSIFIER)
+    assert subset_training == [TINY_CLASSIFIER] * 2  # retrained
+    assert "FD-FMNIST" in caplog.text and "retraining" in caplog.text
+    train_utils.assert_trees_equal(again.params, first.params, "params")  # same seed
+    FdFmnist.load_or_train(cache_dir=cache, settings=TINY_CLASSIFIER)  # intact again
+    assert len(subset_training) == 2
+    monkeypatch.setattr(fd_lib, "MIN_TEST_ACCURACY", first.test_accuracy + 0.01)
+    with pytest.raises(RuntimeError, match=r"below the required .*cache entry .*\.json"):
+        FdFmnist.load_or_train(cache_dir=cache, settings=TINY_CLASSIFIER)
+
+
 @pytest.mark.parametrize(
     "change",
     [
