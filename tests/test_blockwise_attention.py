@@ -6,18 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from attention_reference import numpy_attention
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dfm_jax.models import blockwise_attention, layers
-
-
-def _numpy_attention(q, k, v):
-    """float64 softmax(q k^T / sqrt(H)) v per batch and head, (B, L, N, H) layout."""
-    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    scores = np.einsum("blnh,bmnh->bnlm", q, k) / np.sqrt(q.shape[-1])
-    weights = np.exp(scores - scores.max(-1, keepdims=True))
-    weights /= weights.sum(-1, keepdims=True)
-    return np.einsum("bnlm,bmnh->blnh", weights, v)
 
 
 def _inputs(shape, seed=0, scale=2.0):
@@ -39,7 +31,7 @@ def test_forward_matches_numpy(block_bytes):
     q, k, v = _inputs((4, 7, 3, 8))  # B 4, L 7, N 3, H 8: 12 (batch, head) pairs
     out = blockwise_attention.blockwise_attention(q, k, v, block_bytes)
     assert out.shape == q.shape and out.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(out), _numpy_attention(q, k, v), atol=2e-6)
+    np.testing.assert_allclose(np.asarray(out), numpy_attention(q, k, v), atol=2e-6)
 
 
 @pytest.mark.parametrize("block_bytes", [1, 3 * 4 * 7 * 7])
@@ -64,7 +56,7 @@ def test_bfloat16_inputs_keep_float32_softmax_and_bfloat16_outputs():
     q, k, v = (x.astype(jnp.bfloat16) for x in _inputs((2, 16, 2, 16), seed=3, scale=3.0))
     out = blockwise_attention.blockwise_attention(q, k, v)
     assert out.dtype == jnp.bfloat16
-    exact = _numpy_attention(*(np.asarray(x, np.float32) for x in (q, k, v)))
+    exact = numpy_attention(*(np.asarray(x, np.float32) for x in (q, k, v)))
     np.testing.assert_allclose(np.asarray(out, np.float32), exact, atol=0.04)
     grads = jax.grad(lambda *x: blockwise_attention.blockwise_attention(*x).sum(), (0, 1, 2))
     assert [g.dtype for g in grads(q, k, v)] == [jnp.bfloat16] * 3
@@ -85,7 +77,7 @@ def test_batch_sharded_inputs_need_no_gather():
     hlo = step.lower(q, k, v).compile().as_text()
     assert not [op for op in ("all-gather", "all-to-all", "collective-permute") if op in hlo]
     value, grad = step(q, k, v)
-    np.testing.assert_allclose(float(value), _numpy_attention(q, k, v).sum(), rtol=1e-5)
+    np.testing.assert_allclose(float(value), numpy_attention(q, k, v).sum(), rtol=1e-5)
     assert grad.sharding.is_equivalent_to(sharding, grad.ndim)
 
 

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from attention_reference import numpy_attention
 
 from dfm_jax.models import layers
 from dfm_jax.peers.torch_dfm_sit import mae_2d_sincos
@@ -187,22 +188,13 @@ def test_rope_angles_are_the_axial_formula():
     np.testing.assert_allclose(cos[0], np.cos(expected), rtol=1e-6, atol=1e-7)
 
 
-def _numpy_attention(q, k, v):
-    """float64 softmax(q k^T / sqrt(H)) v per batch and head, (B, L, N, H) layout."""
-    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    scores = np.einsum("blnh,bmnh->bnlm", q, k) / np.sqrt(q.shape[-1])
-    weights = np.exp(scores - scores.max(-1, keepdims=True))
-    weights /= weights.sum(-1, keepdims=True)
-    return np.einsum("bnlm,bmnh->blnh", weights, v)
-
-
 @pytest.mark.parametrize("implementation", ["blockwise", "einsum", "xla", None])
 def test_attention_implementations_match_numpy(implementation):
     keys = jax.random.split(jax.random.key(0), 3)
     q, k, v = (jax.random.normal(key, (2, 7, 3, 8)) * 2 for key in keys)  # L 7, N 3, H 8
     out = layers.attend(q, k, v, implementation)
     assert out.shape == q.shape and out.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(out), _numpy_attention(q, k, v), atol=2e-6)
+    np.testing.assert_allclose(np.asarray(out), numpy_attention(q, k, v), atol=2e-6)
 
 
 def test_einsum_attention_in_bfloat16_keeps_float32_scores():
@@ -212,5 +204,5 @@ def test_einsum_attention_in_bfloat16_keeps_float32_scores():
     q, k, v = (jax.random.normal(key, (2, 16, 2, 16)) * 3 for key in keys)
     out = layers.einsum_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
     assert out.dtype == jnp.bfloat16
-    exact = _numpy_attention(*(np.asarray(x.astype(jnp.bfloat16), np.float32) for x in (q, k, v)))
+    exact = numpy_attention(*(np.asarray(x.astype(jnp.bfloat16), np.float32) for x in (q, k, v)))
     np.testing.assert_allclose(np.asarray(out, np.float32), exact, atol=0.04)
