@@ -54,9 +54,7 @@ def config():
 
 @pytest.fixture(scope="module")
 def setup8(config):
-    setup = setup_lib.build(config)
-    assert dict(setup.mesh.shape) == {"data": 8, "fsdp": 1, "model": 1}
-    return setup
+    return train_utils.data_parallel_setup(config)
 
 
 @pytest.fixture(scope="module")

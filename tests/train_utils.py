@@ -31,6 +31,7 @@ import numpy as np
 from jax.experimental.compilation_cache import compilation_cache
 
 from dfm_jax import config as config_lib
+from dfm_jax.training import setup as setup_lib
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.py"
@@ -80,6 +81,14 @@ def tiny_config(overrides: dict | None = None) -> ml_collections.ConfigDict:
 def tiny_settings(overrides: dict | None = None) -> config_lib.Settings:
     """``tiny_config(overrides)`` read into validated settings."""
     return config_lib.read(tiny_config(overrides))
+
+
+def data_parallel_setup(settings: config_lib.Settings):
+    """``setup.build(settings)`` on the default layout, checked: mesh {"data": 8}
+    (parameters replicated)."""
+    setup = setup_lib.build(settings)
+    assert dict(setup.mesh.shape) == {"data": 8, "fsdp": 1, "model": 1}
+    return setup
 
 
 def cli_flags(overrides: dict | None = None) -> list[str]:
