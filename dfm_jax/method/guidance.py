@@ -25,7 +25,7 @@ guided is static, so a schedule that needs guidance everywhere (the default
 interval) or nowhere traces one network call; a mixed one switches with
 ``lax.cond``.
 
-Batching (``GUIDANCE_BATCHING``): a guided evaluation runs the network once on the
+Batching (``schedule.GUIDANCE_BATCHING``): a guided evaluation runs the network once on the
 doubled batch ``[x; x]`` ("doubled", the official code's way and the faster one on
 accelerators) or twice on x, with the labels and then the null labels ("split"). The
 results are the same; on the XLA CPU backend the network's time grows faster than its
@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfm_jax.method.schedule import GUIDANCE_BATCHING
+from dfm_jax.method.schedule import validate_batching
 
 Array = jax.Array
 State = tuple[Array, ...]
@@ -52,8 +52,7 @@ Evaluator = Callable[[State, Array, Array, Array, Array], State]
 def splits_batch(batching: str) -> bool:
     """Whether a guided evaluation makes two network calls of B ("split"; "auto" on the
     CPU backend) rather than one of 2B ("doubled"; "auto" elsewhere)."""
-    if batching not in GUIDANCE_BATCHING:
-        raise ValueError(f"guidance_batching must be one of {GUIDANCE_BATCHING}, got {batching!r}")
+    batching = validate_batching(batching)
     return batching == "split" or (batching == "auto" and jax.default_backend() == "cpu")
 
 

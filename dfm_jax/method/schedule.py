@@ -105,7 +105,8 @@ def _validate_cfg_scale(cfg_scale: float) -> float:
 GUIDANCE_BATCHING = ("auto", "doubled", "split")  # see guidance.splits_batch
 
 
-def _validate_batching(batching: str) -> str:
+def validate_batching(batching: str) -> str:
+    """``batching`` if it is one of ``GUIDANCE_BATCHING``; else a ``ValueError``."""
     if batching not in GUIDANCE_BATCHING:
         raise ValueError(f"guidance_batching must be one of {GUIDANCE_BATCHING}, got {batching!r}")
     return batching
@@ -171,7 +172,7 @@ class SamplerSettings:
             "solver": _validate_solver(self.solver),
             "cfg_scale": _validate_cfg_scale(self.cfg_scale),
             "guidance_interval": _validate_interval(self.guidance_interval),
-            "guidance_batching": _validate_batching(self.guidance_batching),
+            "guidance_batching": validate_batching(self.guidance_batching),
         }
         for name, value in normalised.items():
             object.__setattr__(self, name, value)

@@ -59,9 +59,12 @@ def _from_blocks(x: Array, shape: tuple[int, ...]) -> Array:
     return x.transpose(1, 0, 2, 3).reshape(b, n, length, h).transpose(0, 2, 1, 3)
 
 
+def _scale(q: Array) -> float:
+    return q.shape[-1] ** -0.5
+
+
 def _scores(q: Array, k: Array) -> Array:
-    scale = q.shape[-1] ** -0.5
-    return jnp.einsum("glh,gmh->glm", q, k, preferred_element_type=jnp.float32) * scale
+    return jnp.einsum("glh,gmh->glm", q, k, preferred_element_type=jnp.float32) * _scale(q)
 
 
 def _forward_block(q: Array, k: Array, v: Array) -> tuple[Array, Array]:
@@ -84,7 +87,7 @@ def _backward_block(
     d_v = jnp.einsum("glm,glh->gmh", weights, d_out)
     d_weights = jnp.einsum("glh,gmh->glm", d_out, v, preferred_element_type=f32)
     row = (d_out * out).sum(-1, keepdims=True)
-    d_scores = weights * (d_weights - row) * (q.shape[-1] ** -0.5)
+    d_scores = weights * (d_weights - row) * _scale(q)
     d_q = jnp.einsum("glm,gmh->glh", d_scores, k, preferred_element_type=f32)
     d_k = jnp.einsum("glm,glh->gmh", d_scores, q, preferred_element_type=f32)
     return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype)
