@@ -30,9 +30,11 @@ classifier); samples are decoded by the video autoencoder first.
 
 Outputs under ``<workdir>/eval/``: ``results.csv`` and ``results.md`` (one row per
 point: step, settings, NFE, metrics, generation and feature-extraction images/s,
-seconds), TensorBoard scalars, and optionally ``samples_step<N>_<point>[_seed<S>]_n<M>.npz``
-(ADM format, ``--save_npz``; ``arr_0`` holds clips for video runs) and
-``samples_step<N>_<point>.png`` (``--save_png=K``; a ``.gif`` of grids for video runs).
+seconds), TensorBoard scalars, and optionally ``<stem>_n<M>.npz`` (ADM format,
+``--save_npz``; ``arr_0`` holds clips for video runs) and ``<stem>.png`` (``--save_png=K``;
+a ``.gif`` of grids for video runs), where ``<stem>`` is
+``samples_step<N>_<point>[_seed<S>][_init-<file>-<key>-<hash>]`` (the last part for an
+imported ``--init`` checkpoint).
 Running the same command again skips the points already in ``results.csv`` for
 the same checkpoint step, number of samples, seed and metrics (the points the trainer's
 own evaluations scored included).

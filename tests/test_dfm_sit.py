@@ -443,15 +443,45 @@ def test_eval_init_evaluates_the_imported_ema_weights(tmp_path, monkeypatch):
         name: np.asarray(generate(p, key, labels)) for name, p in (("ema", ema), ("raw", raw))
     }
     assert all(np.all(np.isfinite(x)) and x.std() > 0.05 for x in images.values())
-    npz_name = [n for n in os.listdir(os.path.join(workdir, "eval")) if n.endswith(".npz")]
-    with np.load(os.path.join(workdir, "eval", npz_name[0])) as npz:
-        saved = npz["arr_0"].astype(np.int32)
-    for name, x in images.items():
-        diff = np.abs(saved - np.asarray(to_uint8(jnp.asarray(x))).astype(np.int32))
-        if name == "ema":
-            assert diff.max() <= 1, diff.max()
-        else:
-            assert diff.mean() > 5, diff.mean()
+
+    def saved_npz():
+        eval_dir = os.path.join(workdir, "eval")
+        names = sorted(n for n in os.listdir(eval_dir) if n.endswith(".npz"))
+        arrays = []
+        for name in names:
+            with np.load(os.path.join(eval_dir, name)) as npz:
+                arrays.append(npz["arr_0"].astype(np.int32))
+        return names, arrays
+
+    def assert_holds(saved, which):
+        for name, x in images.items():
+            diff = np.abs(saved - np.asarray(to_uint8(jnp.asarray(x))).astype(np.int32))
+            if name == which:
+                assert diff.max() <= 1, diff.max()
+            else:
+                assert diff.mean() > 5, diff.mean()
+
+    (ema_name,), (ema_saved,) = saved_npz()
+    assert_holds(ema_saved, "ema")
+    assert ema_name.startswith("samples_step123_") and "_init-dfm_sit-ema-" in ema_name
+
+    # --init_key=model into the same workdir: a new row and its own sample file; the
+    # EMA one is kept as it was.
+    runner.run_sweep(
+        config,
+        workdir,
+        evaluator,
+        init=path,
+        init_key="model",
+        extractors={"inception": _logits_extractor(8 * 8)},
+        save_npz=True,
+        print_summary=False,
+    )
+    names, (first, second) = saved_npz()
+    assert len(names) == 2 and ema_name in names
+    ema_again, model_saved = (first, second) if names[0] == ema_name else (second, first)
+    np.testing.assert_array_equal(ema_again, ema_saved)
+    assert_holds(model_saved, "raw")
 
     with pytest.raises(FileNotFoundError, match=r"--init=.*nope\.pt does not exist"):
         runner.run_sweep(

@@ -223,6 +223,7 @@ class Evaluator:
             decode=decode,
             image_shape=image_shape,
             eval_dir=eval_dir,
+            init=init,
         )
         self._samplers: dict[SweepPoint, setup_lib.MeshBound] = {}
 

@@ -70,6 +70,8 @@ class PointContext:
       decode: model space -> pixels in [-1, 1] (a jit argument).
       image_shape: one decoded sample, ``(H, W, C)``.
       eval_dir: where sample files go.
+      init: the imported checkpoint evaluated (``results.init_text``; empty for the
+        workdir's checkpoints): part of the sample files' names.
     """
 
     setup: setup_lib.Setup
@@ -81,6 +83,7 @@ class PointContext:
     decode: Decode
     image_shape: tuple[int, ...]
     eval_dir: str
+    init: str = ""
 
 
 def make_score_factory(
@@ -148,14 +151,14 @@ class _SampleFiles:
 
     def __init__(self, ctx: PointContext, name: str, step: int, save_npz: bool, save_png: int):
         self.ctx, self.save_npz, self.save_png = ctx, save_npz, save_png
-        # A run with another --seed keeps its own files (the default seed 0 adds nothing).
-        name = f"{name}_seed{ctx.seed}" if ctx.seed else name
-        self.sheet_stem = os.path.join(ctx.eval_dir, f"samples_step{step}_{name}")
+        # Another --seed or --init keeps its own files (``results.sample_file_stem``).
+        stem = results.sample_file_stem(step, name, ctx.seed, ctx.init)
+        self.sheet_stem = os.path.join(ctx.eval_dir, stem)
         self.main = jax.process_index() == 0
         self.npz = None
         if save_npz and self.main:
             count = len(ctx.labels)
-            path = os.path.join(ctx.eval_dir, f"samples_step{step}_{name}_n{count}.npz")
+            path = os.path.join(ctx.eval_dir, f"{stem}_n{count}.npz")
             self.npz = results.AdmNpzWriter(path, ctx.image_shape, ctx.labels)
         self.kept: list[np.ndarray] = []
 

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import os
+import re
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -82,6 +84,26 @@ def format_value(column: str, value: Any) -> str:
 def init_text(path: str | None, key: str) -> str:
     """The ``init`` column: ``""`` for workdir checkpoints, ``<path>:<key>`` for imported ones."""
     return f"{path}:{key}" if path else ""
+
+
+def sample_file_stem(step: int, point_name: str, seed: int, init: str) -> str:
+    """The file name, without extension, of one point's sample files.
+
+    ``samples_step<N>_<point>`` for the workdir's checkpoints with seed 0, then
+    ``_seed<S>`` for another seed and, for an imported checkpoint (``init`` as
+    ``init_text`` writes it), ``_init-<file stem>-<key>-<6 hex digits of the path>``, so
+    that evaluating a second imported file, or the other state dict of the same one,
+    never overwrites the first one's samples.
+    """
+    stem = f"samples_step{step}_{point_name}"
+    if seed:
+        stem += f"_seed{seed}"
+    if init:
+        path, _, key = init.rpartition(":")
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.splitext(os.path.basename(path))[0])
+        digest = hashlib.sha1(path.encode()).hexdigest()[:6]
+        stem += f"_init-{name}-{key}-{digest}"
+    return stem
 
 
 def row_key(row: Mapping[str, Any]) -> tuple[str, ...]:
