@@ -300,6 +300,11 @@ class EmbeddingTable(nn.Module):
         tiny stage table).
 
     Call: ids (B,) int -> (B, D).
+
+    The table is gathered whole (its "embed" axis unsharded) before the lookup, as FSDP
+    does for every kernel: a lookup from a table split along the axis that also splits
+    the batch has no efficient SPMD partition (XLA then replicates and re-partitions the
+    result, "Involuntary full rematerialization").
     """
 
     num_embeddings: int
@@ -316,6 +321,7 @@ class EmbeddingTable(nn.Module):
             (self.num_embeddings, self.width),
             self.param_dtype,
         )
+        table = nn.with_logical_constraint(table, (self.row_axis, None))
         return jnp.take(table, ids, axis=0).astype(self.dtype)
 
 
