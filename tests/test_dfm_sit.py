@@ -389,7 +389,28 @@ def _logits_extractor(pixels: int, classes: int = 5) -> FeatureExtractor:
     return FeatureExtractor("inception", {"pool3": classes, "logits_unbiased": classes}, apply, w)
 
 
+def _saved_npz(eval_dir: str) -> dict[str, np.ndarray]:
+    """{file name: int32 samples} of every ``.npz`` under ``eval_dir``."""
+    saved = {}
+    for name in sorted(n for n in os.listdir(eval_dir) if n.endswith(".npz")):
+        with np.load(os.path.join(eval_dir, name)) as npz:
+            saved[name] = npz["arr_0"].astype(np.int32)
+    return saved
+
+
+def _assert_samples_of(saved: np.ndarray, images: dict[str, np.ndarray], which: str) -> None:
+    """``saved`` (uint8 as int32) are ``images[which]`` quantised, and far from the others."""
+    for name, x in images.items():
+        diff = np.abs(saved - np.asarray(to_uint8(jnp.asarray(x))).astype(np.int32))
+        if name == which:
+            assert diff.max() <= 1, diff.max()
+        else:
+            assert diff.mean() > 5, diff.mean()
+
+
 def test_eval_init_evaluates_the_imported_ema_weights(tmp_path, monkeypatch):
+    """``--init`` evaluates the file's EMA weights; ``--init_key=model`` then adds a row and
+    its own sample file (the EMA one kept as it was); a missing file is named."""
     # The tiny trainer config made DFM-SiT-shaped: 8x8x1 pixels, scales 4 and 8.
     config = train_utils.tiny_settings(
         {"model.positions": "sincos", "model.stage_embedding": False}
@@ -416,15 +437,14 @@ def test_eval_init_evaluates_the_imported_ema_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "import_params", recording)
     workdir = str(tmp_path / "results")
     evaluator = config_lib.EvalSettings(metrics=("is",), num_samples=8, batch_size=8, is_splits=1)
-    rows = runner.run_sweep(
-        config,
-        workdir,
-        evaluator,
-        init=path,
-        extractors={"inception": _logits_extractor(8 * 8)},
-        save_npz=True,
-        print_summary=False,
-    )
+
+    def run(**options):
+        extractors = {"inception": _logits_extractor(8 * 8)}
+        return runner.run_sweep(
+            config, workdir, evaluator, extractors=extractors, print_summary=False, **options
+        )
+
+    rows = run(init=path, save_npz=True)
     assert len(rows) == 1 and rows[0]["step"] == "123" and np.isfinite(float(rows[0]["is"]))
     assert not os.path.exists(os.path.join(workdir, "checkpoints"))
 
@@ -443,51 +463,17 @@ def test_eval_init_evaluates_the_imported_ema_weights(tmp_path, monkeypatch):
         name: np.asarray(generate(p, key, labels)) for name, p in (("ema", ema), ("raw", raw))
     }
     assert all(np.all(np.isfinite(x)) and x.std() > 0.05 for x in images.values())
-
-    def saved_npz():
-        eval_dir = os.path.join(workdir, "eval")
-        names = sorted(n for n in os.listdir(eval_dir) if n.endswith(".npz"))
-        arrays = []
-        for name in names:
-            with np.load(os.path.join(eval_dir, name)) as npz:
-                arrays.append(npz["arr_0"].astype(np.int32))
-        return names, arrays
-
-    def assert_holds(saved, which):
-        for name, x in images.items():
-            diff = np.abs(saved - np.asarray(to_uint8(jnp.asarray(x))).astype(np.int32))
-            if name == which:
-                assert diff.max() <= 1, diff.max()
-            else:
-                assert diff.mean() > 5, diff.mean()
-
-    (ema_name,), (ema_saved,) = saved_npz()
-    assert_holds(ema_saved, "ema")
+    eval_dir = os.path.join(workdir, "eval")
+    ((ema_name, ema_saved),) = _saved_npz(eval_dir).items()
+    _assert_samples_of(ema_saved, images, "ema")
     assert ema_name.startswith("samples_step123_") and "_init-dfm_sit-ema-" in ema_name
 
-    # --init_key=model into the same workdir: a new row and its own sample file; the
-    # EMA one is kept as it was.
-    runner.run_sweep(
-        config,
-        workdir,
-        evaluator,
-        init=path,
-        init_key="model",
-        extractors={"inception": _logits_extractor(8 * 8)},
-        save_npz=True,
-        print_summary=False,
-    )
-    names, (first, second) = saved_npz()
-    assert len(names) == 2 and ema_name in names
-    ema_again, model_saved = (first, second) if names[0] == ema_name else (second, first)
-    np.testing.assert_array_equal(ema_again, ema_saved)
-    assert_holds(model_saved, "raw")
+    run(init=path, init_key="model", save_npz=True)
+    saved = _saved_npz(eval_dir)
+    assert len(saved) == 2
+    np.testing.assert_array_equal(saved.pop(ema_name), ema_saved)
+    (model_saved,) = saved.values()
+    _assert_samples_of(model_saved, images, "raw")
 
     with pytest.raises(FileNotFoundError, match=r"--init=.*nope\.pt does not exist"):
-        runner.run_sweep(
-            config,
-            workdir,
-            evaluator,
-            init=str(tmp_path / "nope.pt"),
-            extractors={"inception": _logits_extractor(8 * 8)},
-        )
+        run(init=str(tmp_path / "nope.pt"))

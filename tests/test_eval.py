@@ -333,6 +333,29 @@ def test_restore_ema_params_reads_only_the_ema_fields(tiny):
         assert got.sharding == abstract.sharding
 
 
+def _assert_metrics_of(row: dict, images: np.ndarray, extractors, reference: str) -> None:
+    """FID, IS, FDD, precision and recall of ``row`` recomputed from its uint8 samples."""
+    outputs = extractors["inception"](jnp.asarray(images, jnp.float32) / 127.5 - 1.0)
+    pool3, logits = np.asarray(outputs["pool3"]), np.asarray(outputs["logits_unbiased"])
+    mu, sigma = metrics.load_reference_statistics(reference)
+    expected_fid = metrics.frechet_distance(pool3.mean(0), np.cov(pool3, rowvar=False), mu, sigma)
+    np.testing.assert_allclose(float(row["fid"]), expected_fid, rtol=1e-4)
+    expected_is = metrics.inception_score(logits, splits=2)[0]
+    np.testing.assert_allclose(float(row["is"]), expected_is, rtol=1e-4)
+    with np.load(reference) as npz:
+        fdd_mu, fdd_sigma, reference_images = npz["fdd_mu"], npz["fdd_sigma"], npz["arr_0"]
+    fdd = np.asarray(extractors["dinov2"](jnp.asarray(images, jnp.float32) / 127.5 - 1)["features"])
+    expected_fdd = metrics.frechet_distance(
+        fdd.mean(0), np.cov(fdd, rowvar=False), fdd_mu, fdd_sigma
+    )
+    np.testing.assert_allclose(float(row["fdd"]), expected_fdd, rtol=1e-4)
+    real = extractors["inception"](jnp.asarray(reference_images, jnp.float32) / 127.5 - 1)["pool3"]
+    expected_pr = metrics.precision_recall(np.asarray(real), pool3)
+    np.testing.assert_allclose(
+        [float(row["precision"]), float(row["recall"])], expected_pr, atol=1e-6
+    )
+
+
 def test_sweep_end_to_end_then_resume(tiny, tmp_path, monkeypatch, capsys):
     config, workdir, extractors = tiny
     reference = str(tmp_path / "ref.npz")
@@ -379,25 +402,7 @@ def test_sweep_end_to_end_then_resume(tiny, tmp_path, monkeypatch, capsys):
     assert images.dtype == np.uint8 and images.shape == (20, 32, 32, 1)
     np.testing.assert_array_equal(labels, class_balanced_labels(20, 4, config.seed))
     assert os.path.exists(os.path.join(workdir, "eval", f"samples_step2_{point.name}.png"))
-    outputs = extractors["inception"](jnp.asarray(images, jnp.float32) / 127.5 - 1.0)
-    pool3, logits = np.asarray(outputs["pool3"]), np.asarray(outputs["logits_unbiased"])
-    mu, sigma = metrics.load_reference_statistics(reference)
-    expected_fid = metrics.frechet_distance(pool3.mean(0), np.cov(pool3, rowvar=False), mu, sigma)
-    np.testing.assert_allclose(float(csv_rows[1]["fid"]), expected_fid, rtol=1e-4)
-    expected_is = metrics.inception_score(logits, splits=2)[0]
-    np.testing.assert_allclose(float(csv_rows[1]["is"]), expected_is, rtol=1e-4)
-    with np.load(reference) as npz:
-        fdd_mu, fdd_sigma, reference_images = npz["fdd_mu"], npz["fdd_sigma"], npz["arr_0"]
-    fdd = np.asarray(extractors["dinov2"](jnp.asarray(images, jnp.float32) / 127.5 - 1)["features"])
-    expected_fdd = metrics.frechet_distance(
-        fdd.mean(0), np.cov(fdd, rowvar=False), fdd_mu, fdd_sigma
-    )
-    np.testing.assert_allclose(float(csv_rows[1]["fdd"]), expected_fdd, rtol=1e-4)
-    real = extractors["inception"](jnp.asarray(reference_images, jnp.float32) / 127.5 - 1)["pool3"]
-    expected_pr = metrics.precision_recall(np.asarray(real), pool3)
-    np.testing.assert_allclose(
-        [float(csv_rows[1]["precision"]), float(csv_rows[1]["recall"])], expected_pr, atol=1e-6
-    )
+    _assert_metrics_of(csv_rows[1], images, extractors, reference)
     # The two guidance scales share the noise but give different samples.
     assert csv_rows[0]["fid"] != csv_rows[1]["fid"]
 
