@@ -106,11 +106,21 @@ def test_flow_matching_is_one_scale_with_stage_probs_one():
     )
     assert np.isfinite(loss) and float(metrics["active_scale1"]) == 1.0
     assert fm.forward_flops() == dit.forward_flops(model.config, [SHAPE])
-    with pytest.raises(ValueError, match="one scale and stage_probs"):
+    two_scales = r"^Flow Matching has one scale and stage_probs \(1\.0,\), got 2 scales and"
+    with pytest.raises(ValueError, match=two_scales):
         methods.FlowMatching(
             model=_dfm().model,
             decomposition=pyramid.Laplacian((2,)),
             objective=objective.ObjectiveConfig(),
+            example_shape=SHAPE,
+            num_classes=3,
+        )
+    # One scale is not enough: stage probabilities other than (1.0,) are refused too.
+    with pytest.raises(ValueError, match=r"got 1 scales and \(0\.5, 0\.5\)$"):
+        methods.FlowMatching(
+            model=model,
+            decomposition=pyramid.Laplacian(()),
+            objective=objective.ObjectiveConfig(stage_probs=(0.5, 0.5)),
             example_shape=SHAPE,
             num_classes=3,
         )
