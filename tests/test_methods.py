@@ -62,6 +62,12 @@ def test_dfm_loss_is_the_objective_on_the_model_with_the_documented_keys():
     np.testing.assert_allclose(metrics["loss_scale1"], expected.per_scale[0], rtol=1e-6)
     np.testing.assert_allclose(metrics["active_scale2"], expected.active_fraction[1])
     assert sorted(metrics) == ["active_scale1", "active_scale2", "loss_scale1", "loss_scale2"]
+    # Images of another dtype (bfloat16 latents) are decomposed in float32: the same loss
+    # as their float32 values, to the bit.
+    rounded = images.astype(jnp.bfloat16)
+    loss_bf16, _ = method.loss(params, rounded, labels, key)
+    loss_f32, _ = method.loss(params, rounded.astype(jnp.float32), labels, key)
+    assert float(loss_bf16) == float(loss_f32)
 
 
 def test_generate_recomposes_the_sampler_and_its_previews():
