@@ -70,6 +70,19 @@ def test_dfm_loss_is_the_objective_on_the_model_with_the_documented_keys():
     assert float(loss_bf16) == float(loss_f32)
 
 
+def test_init_checks_the_scale_shapes_against_the_patch_sizes():
+    """Patch sizes (1, 4) on an 8x8 two-scale pyramid give 4x4 and 2x2 token grids: init
+    names the shapes (parameters alone do not depend on them)."""
+    model = dit.DiT(
+        dit.dit_config(
+            "S", patch_sizes=(1, 4), in_channels=1, num_classes=3, depth=1, width=32, num_heads=2
+        )
+    )
+    method = dataclasses.replace(_dfm(), model=model)
+    with pytest.raises(ValueError, match=r"different token grids \[\(4, 4\), \(2, 2\)\]"):
+        method.init(jax.random.key(0))
+
+
 def test_generate_recomposes_the_sampler_and_its_previews():
     method = _dfm()
     params = _random_params(method)
