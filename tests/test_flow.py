@@ -87,6 +87,15 @@ def test_training_inputs_interpolate_and_recover_data():
     assert abs(np.corrcoef(noise_1.ravel(), noise_2.ravel())[0, 1]) < 0.2
 
 
+def test_training_inputs_keep_the_scales_dtype():
+    """bfloat16 scales give bfloat16 noisy inputs and targets (the noise is drawn in the
+    data's dtype, not promoted to float32); times and masks stay float32."""
+    scales = [x.astype(jnp.bfloat16) for x in _scales(batch=4)]
+    inputs = objective.make_training_inputs(KEY, scales, objective.ObjectiveConfig((0.2, 0.3, 0.5)))
+    assert {x.dtype for x in (*inputs.noisy, *inputs.targets)} == {jnp.dtype(jnp.bfloat16)}
+    assert inputs.t.dtype == inputs.mask.dtype == jnp.float32
+
+
 def test_implied_training_noise_is_standard_normal_per_scale():
     """eps_s = X_s - v_s has mean ~0 and std ~1 on every scale (not a scaled N(0, 1))."""
     scales = _scales(batch=64, seed=1)
