@@ -83,6 +83,13 @@ def test_init_checks_the_scale_shapes_against_the_patch_sizes():
         method.init(jax.random.key(0))
 
 
+def test_dfm_refuses_stage_probs_of_another_length_than_the_scales():
+    """Three stage probabilities for a two-scale pyramid are refused when the method is
+    built, not at the first training step."""
+    with pytest.raises(ValueError, match=r"has 3 entries but the pyramid has 2 scales"):
+        _dfm(stage_probs=(0.2, 0.3, 0.5))
+
+
 def test_generate_recomposes_the_sampler_and_its_previews():
     method = _dfm()
     params = _random_params(method)
