@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -264,6 +265,36 @@ def test_nonfinite_batch_skips_the_update(trajectory):
     assert train_utils.trees_differ(states[5].params, good.params)
     for leaf in jax.tree.leaves((states[5].params, states[5].ema_params, states[5].opt_state)):
         assert np.all(np.isfinite(leaf))
+
+
+@dataclasses.dataclass(frozen=True)
+class _SqrtLossMethod:
+    """A stand-in method: loss ``sum(sqrt(w * mean(image)))``. For an all-zero batch the
+    loss is 0 (finite) while its gradient is 0 / 0 (NaN)."""
+
+    def init(self, key):
+        return {"w": jnp.ones(3)}
+
+    def loss(self, params, images, labels, key):
+        return jnp.sum(jnp.sqrt(params["w"] * images.mean())), {}
+
+
+def test_a_finite_loss_with_a_nonfinite_gradient_skips_the_update():
+    method, tx = _SqrtLossMethod(), optax.sgd(0.1)
+    static = train_step.StepConfig(method, tx, optax.constant_schedule(0.1), ema_decay=0.5)
+    state = train_step.init_state(jax.random.key(0), method, tx)
+    step = jax.jit(lambda s, b: train_step.train_step(s, b, jax.random.key(1), static))
+    labels = jnp.zeros(2, jnp.int32)
+    zeros, ones = jnp.zeros((2, 4)), jnp.ones((2, 4))
+    skipped, metrics = step(state, {"image": zeros, "label": labels})
+    assert float(metrics["loss"]) == 0.0 and not np.isfinite(float(metrics["grad_norm"]))
+    assert float(metrics["finite"]) == 0.0 and int(skipped.skipped_updates) == 1
+    np.testing.assert_array_equal(skipped.params["w"], state.params["w"])
+    np.testing.assert_array_equal(skipped.ema_params["w"], state.ema_params["w"])
+    # A batch of ones: the gradient 0.5 / sqrt(w) = 0.5 is applied.
+    updated, metrics = step(state, {"image": ones, "label": labels})
+    assert float(metrics["finite"]) == 1.0
+    np.testing.assert_allclose(updated.params["w"], 1.0 - 0.1 * 0.5, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- config errors
