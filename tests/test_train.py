@@ -280,6 +280,9 @@ class _SqrtLossMethod:
 
 
 def test_a_finite_loss_with_a_nonfinite_gradient_skips_the_update():
+    """Skip on a NaN gradient alone; then one good update of parameters, EMA (warmed-up
+    decay) and counters, each against its formula. A function-scoped twin of the
+    trajectory tests above, whose module-scoped fixture mutmut's test selection misses."""
     method, tx = _SqrtLossMethod(), optax.sgd(0.1)
     static = train_step.StepConfig(method, tx, optax.constant_schedule(0.1), ema_decay=0.5)
     state = train_step.init_state(jax.random.key(0), method, tx)
@@ -288,13 +291,18 @@ def test_a_finite_loss_with_a_nonfinite_gradient_skips_the_update():
     zeros, ones = jnp.zeros((2, 4)), jnp.ones((2, 4))
     skipped, metrics = step(state, {"image": zeros, "label": labels})
     assert float(metrics["loss"]) == 0.0 and not np.isfinite(float(metrics["grad_norm"]))
-    assert float(metrics["finite"]) == 0.0 and int(skipped.skipped_updates) == 1
+    assert float(metrics["finite"]) == 0.0 and int(metrics["consecutive_nonfinite"]) == 1
+    assert (int(skipped.step), int(skipped.skipped_updates)) == (1, 1)
     np.testing.assert_array_equal(skipped.params["w"], state.params["w"])
     np.testing.assert_array_equal(skipped.ema_params["w"], state.ema_params["w"])
-    # A batch of ones: the gradient 0.5 / sqrt(w) = 0.5 is applied.
-    updated, metrics = step(state, {"image": ones, "label": labels})
-    assert float(metrics["finite"]) == 1.0
+    # Then a batch of ones: the gradient 0.5 / sqrt(w) = 0.5 is applied, and the EMA moves
+    # by (1 - d) of the step with the warmed-up decay d = min(0.5, (1 + 1) / (10 + 1)).
+    updated, metrics = step(skipped, {"image": ones, "label": labels})
+    assert float(metrics["finite"]) == 1.0 and int(metrics["consecutive_nonfinite"]) == 0
+    assert (int(updated.step), int(updated.skipped_updates)) == (2, 1)
     np.testing.assert_allclose(updated.params["w"], 1.0 - 0.1 * 0.5, rtol=1e-6)
+    decay = 2 / 11
+    np.testing.assert_allclose(updated.ema_params["w"], 1.0 - (1 - decay) * 0.05, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- config errors
