@@ -26,10 +26,12 @@ $(STAMP): $(RUNTIME_STAMP) requirements-dev.txt
 test: $(STAMP)
 	$(PY) -m pytest
 
-## mutation: mutation-test the method modules with mutmut (slow, not in CI; see docs/testing.md)
+## mutation: mutation-test the method modules and the train step with mutmut (slow, not in CI;
+## see docs/testing.md). MUTANTS="*objective.x_loss_fn__*" narrows it to matching mutants.
+MUTANTS ?=
 mutation: $(STAMP)
 	rm -rf mutants
-	$(VENV)/bin/mutmut run --max-children 2 || true
+	$(VENV)/bin/mutmut run --max-children 2 $(MUTANTS) || true
 	$(VENV)/bin/mutmut results
 
 ## lint: ruff lint and format checks

@@ -202,6 +202,8 @@ def test_learning_rate_warmup_then_constant(config, trajectory):
         rtol=1e-6,
     )
     np.testing.assert_allclose(float(learning_rate_schedule(_with(opt, warmup_steps=0))(0)), peak)
+    one = learning_rate_schedule(_with(opt, warmup_steps=1))  # the shortest warm-up
+    np.testing.assert_allclose([float(one(s)) for s in (0, 1, 2)], [0.0, peak, peak], rtol=1e-6)
     # The optimizer follows it: step 0 (lr 0) moves no parameter but fills Adam's moments.
     states, metrics = trajectory
     np.testing.assert_allclose(
