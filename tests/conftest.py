@@ -1,14 +1,15 @@
-"""Test setup: an 8-device CPU mesh and float32 matmuls.
+"""Test setup: an 8-device CPU mesh, the tests' XLA flags and float32 matmuls.
 
 XLA_FLAGS must be set before JAX is imported anywhere, so this module sets it
-at import time; pytest imports conftest.py before any test module.
+at import time (``xla_flags.py`` says which flags and why); pytest imports
+conftest.py before any test module.
 """
 
 import os
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+from xla_flags import xla_flags
+
+os.environ["XLA_FLAGS"] = xla_flags(8, os.environ.get("XLA_FLAGS", ""))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax

@@ -310,7 +310,9 @@ def test_gather_across_processes_two_processes(tmp_path):
         s.bind(("localhost", 0))
         port = str(s.getsockname()[1])
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    from xla_flags import xla_flags  # here: the workers import this module from the repo root
+
+    env["XLA_FLAGS"] = xla_flags(2)
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
     outs = [tmp_path / f"out{pid}.npz" for pid in range(2)]

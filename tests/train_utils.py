@@ -9,6 +9,7 @@
   step of even the tiny model takes 10-20 s on a CPU; with the cache every later
   build of the same program (another ``loop.run``, a resumed run, a subprocess)
   loads it instead.
+* ``random_params``: a method's parameters drawn at random in one compiled program.
 * Tree helpers: host copies and bitwise / tolerance comparisons that name the
   first differing leaf.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import importlib.util
+import math
 import os
 import shutil
 import subprocess
@@ -25,10 +27,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 from jax.experimental.compilation_cache import compilation_cache
+from xla_flags import xla_flags
 
 from dfm_jax import config as config_lib
 from dfm_jax.training import setup as setup_lib
@@ -142,7 +146,7 @@ def subprocess_env(num_devices: int = 8, **extra: str) -> dict[str, str]:
     """
     env = {name: value for name, value in os.environ.items() if name not in _CLUSTER_VARIABLES}
     env.update(
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
+        XLA_FLAGS=xla_flags(num_devices),
         JAX_PLATFORMS="cpu",
         JAX_DEFAULT_MATMUL_PRECISION="highest",  # as tests/conftest.py
         JAX_COMPILATION_CACHE_DIR=compile_cache_dir(),
@@ -195,6 +199,33 @@ def checkpoint_steps(directory) -> list[int]:
     if not os.path.isdir(directory):
         return []
     return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def random_params(method, key: int = 0, scale: float = 0.1):
+    """``method``'s parameter tree (unboxed), every leaf ``scale * N(0, 1)``.
+
+    Random rather than initialised weights, because the DiT's output heads start at zero
+    and would hide what a test checks. The shapes come from ``jax.eval_shape(method.init)``
+    (which still runs the method's shape checks); one normal vector of every parameter,
+    drawn from ``key(key + 1)``, is cut into the leaves in tree order inside one ``jit``:
+    one small compilation instead of the hundreds that an eager Flax ``init`` and a draw
+    per leaf cost on a CPU.
+    """
+    leaves, tree = jax.tree.flatten(nn.unbox(jax.eval_shape(method.init, jax.random.key(key))))
+    sizes = [math.prod(leaf.shape) for leaf in leaves]
+    offsets = np.cumsum([0, *sizes])
+
+    @jax.jit
+    def draw(draw_key):
+        flat = scale * jax.random.normal(draw_key, (int(offsets[-1]),))
+        return tree.unflatten(
+            [
+                flat[start:stop].reshape(leaf.shape).astype(leaf.dtype)
+                for start, stop, leaf in zip(offsets[:-1], offsets[1:], leaves, strict=True)
+            ]
+        )
+
+    return draw(jax.random.key(key + 1))
 
 
 def to_host(tree):
