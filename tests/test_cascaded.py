@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import shutil
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,18 +44,10 @@ def _method(**fields):
     )
 
 
-def _random_params(method, key=0):
-    leaves, tree = jax.tree.flatten(nn.unbox(method.init(jax.random.key(key))))
-    keys = jax.random.split(jax.random.key(key + 1), len(leaves))
-    return tree.unflatten(
-        [0.1 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)]
-    )
-
-
 def test_loss_trains_stage1_on_low_res_and_stage2_on_the_noised_condition():
     method = _method(stage1_fraction=0.5)
     assert isinstance(method, methods.Method)
-    params = _random_params(method)
+    params = train_utils.random_params(method)
     assert set(params) == {"stage1", "stage2"}
     images = jax.random.normal(jax.random.key(3), (4, *SHAPE))
     labels = jnp.asarray([0, 1, 2, 0], jnp.int32)
@@ -95,7 +86,7 @@ def test_loss_trains_stage1_on_low_res_and_stage2_on_the_noised_condition():
 
 def test_generate_runs_stage1_then_stage2_on_its_output():
     method = _method(inference_noise=0.0)
-    params = _random_params(method)
+    params = train_utils.random_params(method)
     labels = jnp.asarray([0, 2], jnp.int32)
     sampler = sampling.SamplerSettings((3, 2), (0.9,), cfg_scale=2.0)
     generate = jax.jit(lambda p, k: method.generate(p, k, labels, sampler, previews=True))
@@ -122,7 +113,7 @@ def test_generate_runs_stage1_then_stage2_on_its_output():
     )
     np.testing.assert_allclose(images, expected, rtol=1e-5, atol=1e-5)
     # Stage 2 depends on the stage-1 sample (through its conditioning slot).
-    other = dict(params, stage1=_random_params(method, key=7)["stage1"])
+    other = dict(params, stage1=train_utils.random_params(method, key=7)["stage1"])
     moved, (other_low, _) = generate(other, jax.random.key(5))
     assert np.abs(np.asarray(other_low) - np.asarray(low)).max() > 1e-3
     assert np.abs(np.asarray(moved) - np.asarray(images)).max() > 1e-4

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import train_utils
 
 from dfm_jax.method import methods, objective, pyramid, sampling
 from dfm_jax.models import dit
@@ -31,33 +31,29 @@ def _dfm(**objective_fields) -> methods.DecomposableFlowMatching:
     )
 
 
-def _random_params(method, key=0):
-    """The method's parameter tree, every leaf 0.1 N(0, 1) (the DiT's heads start at zero)."""
-    leaves, tree = jax.tree.flatten(nn.unbox(method.init(jax.random.key(key))))
-    keys = jax.random.split(jax.random.key(key + 1), len(leaves))
-    return tree.unflatten(
-        [0.1 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)]
-    )
-
-
 def test_dfm_loss_is_the_objective_on_the_model_with_the_documented_keys():
     """loss = loss_fn(model(noisy inputs of split(key)[0]), labels dropped with split(key)[1])."""
     method = _dfm(label_dropout=0.5)
-    params = _random_params(method)
+    params = train_utils.random_params(method)
     images = jax.random.normal(jax.random.key(3), (6, *SHAPE))
     labels = jnp.asarray([0, 1, 2, 0, 1, 2], jnp.int32)
     key = jax.random.key(11)
-    loss, metrics = method.loss(params, images, labels, key)
+    method_loss = jax.jit(method.loss)  # compiled: one program, not hundreds of eager ops
+    loss, metrics = method_loss(params, images, labels, key)
 
-    key_inputs, key_labels = jax.random.split(key)
-    scales = pyramid.Laplacian((2,)).decompose(images)
-    inputs = objective.make_training_inputs(key_inputs, scales, method.objective)
-    dropped = objective.drop_labels(key_labels, labels, 0.5, 3)
+    @jax.jit
+    def reference(params, images, labels, key):
+        key_inputs, key_labels = jax.random.split(key)
+        scales = pyramid.Laplacian((2,)).decompose(images)
+        inputs = objective.make_training_inputs(key_inputs, scales, method.objective)
+        dropped = objective.drop_labels(key_labels, labels, 0.5, 3)
+        predictions = method.model.apply(
+            {"params": params}, inputs.noisy, inputs.t, inputs.mask, dropped
+        )
+        return objective.loss_fn(predictions, inputs.targets, inputs.mask), dropped
+
+    expected, dropped = reference(params, images, labels, key)
     assert int((dropped == 3).sum()) > 0  # some labels were dropped to the null class
-    predictions = method.model.apply(
-        {"params": params}, inputs.noisy, inputs.t, inputs.mask, dropped
-    )
-    expected = objective.loss_fn(predictions, inputs.targets, inputs.mask)
     np.testing.assert_allclose(loss, expected.loss, rtol=1e-6)
     np.testing.assert_allclose(metrics["loss_scale1"], expected.per_scale[0], rtol=1e-6)
     np.testing.assert_allclose(metrics["active_scale2"], expected.active_fraction[1])
@@ -65,8 +61,8 @@ def test_dfm_loss_is_the_objective_on_the_model_with_the_documented_keys():
     # Images of another dtype (bfloat16 latents) are decomposed in float32: the same loss
     # as their float32 values, to the bit.
     rounded = images.astype(jnp.bfloat16)
-    loss_bf16, _ = method.loss(params, rounded, labels, key)
-    loss_f32, _ = method.loss(params, rounded.astype(jnp.float32), labels, key)
+    loss_bf16, _ = method_loss(params, rounded, labels, key)
+    loss_f32, _ = method_loss(params, rounded.astype(jnp.float32), labels, key)
     assert float(loss_bf16) == float(loss_f32)
 
 
@@ -92,7 +88,7 @@ def test_dfm_refuses_stage_probs_of_another_length_than_the_scales():
 
 def test_generate_recomposes_the_sampler_and_its_previews():
     method = _dfm()
-    params = _random_params(method)
+    params = train_utils.random_params(method)
     labels = jnp.asarray([0, 2], jnp.int32)
     sampler = sampling.SamplerSettings(steps_per_stage=(3, 2), thresholds=(0.8,), cfg_scale=2.0)
     images, previews = method.generate(params, jax.random.key(5), labels, sampler, previews=True)
@@ -126,8 +122,8 @@ def test_flow_matching_is_one_scale_with_stage_probs_one():
         example_shape=SHAPE,
         num_classes=3,
     )
-    params = _random_params(fm)
-    loss, metrics = fm.loss(
+    params = train_utils.random_params(fm)
+    loss, metrics = jax.jit(fm.loss)(
         params, jnp.zeros((4, *SHAPE)), jnp.zeros(4, jnp.int32), jax.random.key(0)
     )
     assert np.isfinite(loss) and float(metrics["active_scale1"]) == 1.0

@@ -3,7 +3,6 @@
 import itertools
 import types
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -329,10 +328,7 @@ def test_tiny_temporal_video_dfm_computes_a_loss_and_samples():
     method = setup_lib.build_method(settings, source)
     assert method.scale_shapes == [(2, 4, 4, 1), (4, 8, 8, 1)]
     assert method.model.config.temporal_patch_sizes == (1, 2)
-    params = jax.tree.map(
-        lambda a: 0.1 * jax.random.normal(jax.random.key(1), a.shape, a.dtype),
-        nn.unbox(method.init(jax.random.key(0))),
-    )
+    params = train_utils.random_params(method)
     videos = _random((2, 4, 8, 8, 1), seed=10)
     labels = jnp.asarray([0, 3], jnp.int32)
     loss, metrics = jax.jit(method.loss)(params, videos, labels, jax.random.key(2))

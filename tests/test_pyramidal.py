@@ -12,7 +12,6 @@ import functools
 import math
 import shutil
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -305,18 +304,10 @@ def _method(num_stages=2, boundaries=None):
     )
 
 
-def _random_params(method):
-    leaves, tree = jax.tree.flatten(nn.unbox(method.init(jax.random.key(0))))
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    return tree.unflatten(
-        [0.1 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)]
-    )
-
-
 def test_loss_is_the_stage_objective_on_the_model():
     """Part k of the batch: MSE of the DiT at stage k's resolution against x_end - x_start."""
     method = _method(2)
-    params = _random_params(method)
+    params = train_utils.random_params(method)
     images = jax.random.normal(jax.random.key(3), (4, SIZE, SIZE, 1))
     labels = jnp.asarray([0, 1, 2, 0], jnp.int32)
     key = jax.random.key(7)
@@ -346,7 +337,7 @@ def test_loss_is_the_stage_objective_on_the_model():
 
 def test_generate_is_the_sampler_on_the_model_with_cfg():
     method = _method(2)
-    params = _random_params(method)
+    params = train_utils.random_params(method)
     labels = jnp.asarray([0, 2], jnp.int32)
     sampler = sampling.SamplerSettings((3, 2), (0.5,), solver="heun", cfg_scale=2.0)
     images, previews = method.generate(params, jax.random.key(5), labels, sampler, previews=True)
