@@ -59,6 +59,12 @@ def straight(tmp_path_factory, settings):
     return workdir, final
 
 
+@pytest.fixture(scope="module")
+def step4(setup, straight):
+    """The uninterrupted run's step-4 state on the host: what every fallback must restore."""
+    return _restore(straight[0] / "checkpoints", setup, 4)
+
+
 def _restore(directory, setup, step):
     manager = checkpoint.Checkpointer(directory, async_save=False)
     try:
@@ -114,7 +120,9 @@ DAMAGE = {
 
 
 @pytest.mark.parametrize("case", sorted(DAMAGE))
-def test_unreadable_newest_checkpoint_falls_back_to_the_previous(case, tmp_path, setup, straight):
+def test_unreadable_newest_checkpoint_falls_back_to_the_previous(
+    case, tmp_path, setup, straight, step4
+):
     """Fault: one file of the newest checkpoint (step 6) damaged. Outcome: step 6 is
     renamed to 6.corrupt-<time> (its files kept), step 4 restored bitwise."""
     workdir = _copy_run(straight[0], tmp_path)
@@ -132,9 +140,7 @@ def test_unreadable_newest_checkpoint_falls_back_to_the_previous(case, tmp_path,
         assert manager.all_steps() == [2, 4]
     finally:
         manager.close()
-    train_utils.assert_trees_equal(
-        train_utils.to_host(state), _restore(straight[0] / "checkpoints", setup, 4), "step 4"
-    )
+    train_utils.assert_trees_equal(train_utils.to_host(state), step4, "step 4")
     aside = [p for p in directory.iterdir() if p.name.startswith("6.corrupt-")]
     assert len(aside) == 1, sorted(os.listdir(directory))
     assert sum(p.stat().st_size for p in aside[0].rglob("*") if p.is_file()) <= size_before
@@ -188,7 +194,7 @@ def test_checkpoint_of_another_model_is_unreadable(tmp_path, straight):
     assert len(os.listdir(workdir / "checkpoints")) == 3
 
 
-def test_eval_skips_an_unreadable_newest_step_without_renaming(tmp_path, setup, straight):
+def test_eval_skips_an_unreadable_newest_step_without_renaming(tmp_path, setup, straight, step4):
     """Fault: step 6 damaged, eval picks the newest. Outcome: the EMA of step 4, nothing
     renamed (eval is read-only); an explicit unreadable step is an error."""
     workdir = _copy_run(straight[0], tmp_path)
@@ -196,7 +202,7 @@ def test_eval_skips_an_unreadable_newest_step_without_renaming(tmp_path, setup, 
     newest = runner.resolve_step(str(workdir), None)
     params, step = runner.restore_newest_ema_params(setup, str(workdir), newest)
     assert (newest, step) == (6, 4)
-    want = _restore(straight[0] / "checkpoints", setup, 4).ema_params
+    want = step4.ema_params
     train_utils.assert_trees_equal(train_utils.to_host(params), want, "EMA of step 4")
     assert train_utils.checkpoint_steps(workdir / "checkpoints") == [2, 4, 6]
     assert not [n for n in os.listdir(workdir / "checkpoints") if ".corrupt-" in n]
