@@ -6,8 +6,9 @@ imported, because XLA reads ``XLA_FLAGS`` once, when the CPU client starts.
 * ``--xla_force_host_platform_device_count``: the simulated CPU devices of a mesh.
 * ``--xla_backend_optimization_level=0``: LLVM code generation without its optimisation
   passes. Compiling is most of the suite's time (thousands of small programs, most run
-  once), and level 0 roughly halves it; it changes how fast a program runs, not what it
-  computes (XLA's own HLO passes, fusion and layout, are unaffected). The benchmarks
+  once), and level 0 cuts it by about a third (docs/testing.md, "Suite time"); it changes
+  how fast a program runs, not what it computes (XLA's own HLO passes, fusion and
+  layout, are unaffected). The benchmarks
   (``python -m dfm_jax.bench``) and every real run use XLA's default level.
 """
 
