@@ -24,10 +24,11 @@ $(STAMP): $(RUNTIME_STAMP) requirements-dev.txt
 
 ## test: run the whole test suite on 8 simulated CPU devices, in TEST_WORKERS pytest
 ## processes (pytest-xdist; each test file stays in one process, so its module fixtures
-## are built once). TEST_WORKERS=0 runs it in this process.
+## are built once; files start slowest first, tests/conftest.py). TEST_WORKERS=0 runs it
+## in this process.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 ## mutation: mutation-test the method modules and the train step with mutmut (slow, not in CI;
 ## see docs/testing.md). MUTANTS="*objective.x_loss_fn__*" narrows it to matching mutants.
